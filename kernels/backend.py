@@ -1,0 +1,44 @@
+"""Which implementation the token-mixer ops run.
+
+``auto`` (the default) runs the fused Triton kernel on CUDA tensors whenever one exists for the op
+and the inputs, and the plain-PyTorch reference everywhere else. ``reference`` forces the reference
+and ``triton`` insists on the kernel (an error if it cannot run). The environment variable
+``VIG_KERNELS`` sets the starting value, so a whole run can be switched without code changes.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def _validated(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r} from {source}; expected one of {BACKENDS}")
+    return name
+
+
+_backend = _validated(os.environ.get("VIG_KERNELS", "auto"), "the VIG_KERNELS environment variable")
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select ``auto``, ``triton`` or ``reference`` for every token-mixer op."""
+    global _backend
+    _backend = _validated(name, "set_backend()")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily select a backend: ``with kernels.use_backend("reference"): ...``."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)

@@ -1,0 +1,62 @@
+"""Bidirectional gated linear attention (ViG's token mixer).
+
+``bigla(q, k, v, g_fwd, g_bwd, scale=None)`` computes, per batch element and head,
+
+    o = (o_fwd + o_bwd) / 2
+    o_fwd_t = sum_{s<=t} (scale * q_t * exp(F_t - F_s) . k_s) v_s,   F_t = sum_{r<=t} g_fwd_r
+    o_bwd_t = sum_{s>=t} (scale * q_t * exp(R_t - R_s) . k_s) v_s,   R_t = sum_{r>=t} g_bwd_r
+
+with ``q, k, g_fwd, g_bwd`` of shape ``[B, T, H, K]``, ``v`` of shape ``[B, T, H, V]`` and log-space
+gates ``g <= 0`` (``logsigmoid(z) / 16`` in ViG). The diagonal term appears in both directions, so it
+carries weight 1 and every other pair weight 1/2. ``scale`` defaults to ``K ** -0.5``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..backend import get_backend
+from .reference import bigla_reference
+
+
+def _check_inputs(q, k, v, g_fwd, g_bwd) -> None:
+    named = {"q": q, "k": k, "v": v, "g_fwd": g_fwd, "g_bwd": g_bwd}
+    for name, tensor in named.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"bigla: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"bigla: {name} must have 4 dims [B, T, H, D], got shape {tuple(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"bigla: {name} must be floating point, got {tensor.dtype}")
+        if tensor.device != q.device:
+            raise ValueError(f"bigla: {name} is on {tensor.device} but q is on {q.device}")
+    for name in ("k", "g_fwd", "g_bwd"):
+        if named[name].shape != q.shape:
+            raise ValueError(f"bigla: {name} has shape {tuple(named[name].shape)}, expected q's shape {tuple(q.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"bigla: v has shape {tuple(v.shape)}; its [B, T, H] must equal q's {tuple(q.shape[:3])}")
+
+
+def _triton_bigla():
+    """The fused kernel, or None where it is not available (no Triton, or not built yet)."""
+    try:
+        from .fused import bigla_triton
+    except ImportError:
+        return None
+    return bigla_triton
+
+
+def bigla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
+          scale: float | None = None) -> torch.Tensor:
+    """Bidirectional GLA with ViG's semantics; returns ``o`` ``[B, T, H, V]`` in ``v``'s dtype."""
+    _check_inputs(q, k, v, g_fwd, g_bwd)
+    backend = get_backend()
+    if backend != "reference":
+        fused = _triton_bigla()
+        if fused is not None and (q.is_cuda or backend == "triton"):
+            return fused(q, k, v, g_fwd, g_bwd, scale)
+        if backend == "triton":
+            raise RuntimeError("bigla: the 'triton' backend was requested but the Triton kernel is not available")
+    return bigla_reference(q, k, v, g_fwd, g_bwd, scale)
+
+
+__all__ = ["bigla", "bigla_reference"]

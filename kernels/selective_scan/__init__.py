@@ -1,0 +1,35 @@
+"""Vim's bidirectional selective scan.
+
+``bi_selective_scan(u, delta, A, B, C, D)`` runs Mamba's S6 recurrence forward (direction 0) and
+backward (direction 1) with per-direction parameters, all in natural token order, and returns
+``(y_fwd + y_bwd) / 2``. Shapes: u, delta ``[2, B, T, E]``; A ``[2, E, N]``; B, C ``[2, B, T, N]``;
+D ``[2, E]``. ``delta`` is the step after softplus; ``A = -exp(A_log)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import bi_selective_scan_reference, selective_scan
+
+
+def _check_inputs(u, delta, A, B, C, D) -> None:
+    if u.dim() != 4 or u.shape[0] != 2:
+        raise ValueError(f"bi_selective_scan: u must be [2, B, T, E], got shape {tuple(u.shape)}")
+    _, batch, length, channels = u.shape
+    expected = {"delta": (2, batch, length, channels), "A": (2, channels, A.shape[-1]),
+                "B": (2, batch, length, A.shape[-1]), "C": (2, batch, length, A.shape[-1]), "D": (2, channels)}
+    for name, tensor in {"delta": delta, "A": A, "B": B, "C": C, "D": D}.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"bi_selective_scan: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+        if tensor.device != u.device:
+            raise ValueError(f"bi_selective_scan: {name} is on {tensor.device} but u is on {u.device}")
+
+
+def bi_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor) -> torch.Tensor:
+    """Bidirectional selective scan; only the reference implementation exists so far."""
+    _check_inputs(u, delta, A, B, C, D)
+    return bi_selective_scan_reference(u, delta, A, B, C, D)
+
+
+__all__ = ["bi_selective_scan", "bi_selective_scan_reference", "selective_scan"]
