@@ -5,7 +5,7 @@ the plain-PyTorch reference according to :mod:`kernels.backend`; model code only
 """
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .bigla import bigla, bigla_reference
-from .selective_scan import bi_selective_scan, bi_selective_scan_reference, selective_scan
+from .selective_scan import bi_selective_scan, bi_selective_scan_reference
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "bigla", "bigla_reference",
-           "bi_selective_scan", "bi_selective_scan_reference", "selective_scan"]
+           "bi_selective_scan", "bi_selective_scan_reference"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK = 64
+CHUNK = 16
 
 
 def _scan_chunk(state, u, delta, A, B, C):

@@ -1,0 +1,16 @@
+"""ViG, ViG-H and Vim vision backbones, registered with timm on import.
+
+>>> import timm, vig
+>>> model = timm.create_model("vig_small", num_classes=0)
+"""
+from .cost import model_cost
+from .official import load_official_state_dict
+from .vig import BiGLAMixer, HierViG, ViG
+from .vim import BiMambaMixer, Vim
+
+MODEL_NAMES = ("vig_tiny", "vig_small", "vig_base", "vig_h_tiny", "vig_h_small", "vig_h_base",
+               "vim_tiny", "vim_small", "vim_base")
+
+__all__ = ["MODEL_NAMES", "ViG", "HierViG", "Vim", "BiGLAMixer", "BiMambaMixer", "load_official_state_dict",
+           "model_cost"]
+__version__ = "0.1.0"

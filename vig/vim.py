@@ -1,0 +1,336 @@
+"""Vim: Vision Mamba with bidirectional ("v2") Mamba mixers and a middle class token.
+
+Paper: "Vision Mamba: Efficient Visual Representation Learning with Bidirectional State Space Model"
+(arXiv 2401.09417). Official code: https://github.com/hustvl/Vim. Parameter names follow the official
+state dicts of the ``*_midclstok_div2`` models, so released checkpoints load with ``strict=True``.
+
+Differences from the official code, documented in ``docs/models.md``: no CUDA extensions (the scan is
+``kernels.bi_selective_scan``; the backward direction's causal conv on the flipped sequence is computed as
+the equivalent anti-causal conv, so nothing is flipped), and any input size divisible by 16 works
+(``pos_embed`` is resized around the class-token entry; the official model asserts 224).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+import kernels
+
+from ._common import check_input, fp32_or_wider
+
+__all__ = ["Vim", "BiMambaMixer"]
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> torch.Tensor:
+    """Resize ``[1, M + 1, D]`` position embeddings with the class entry at ``M // 2``: the class entry is
+    taken out, the M grid entries are resized bicubically (in fp32) and the class entry goes back at the
+    new middle."""
+    stored_cls = (pos_embed.shape[1] - 1) // 2
+    patches = torch.cat([pos_embed[:, :stored_cls], pos_embed[:, stored_cls + 1:]], dim=1)
+    patches = resample_abs_pos_embed(patches, list(new_grid), list(old_grid), num_prefix_tokens=0, antialias=False)
+    middle = patches.shape[1] // 2
+    return torch.cat([patches[:, :middle], pos_embed[:, stored_cls:stored_cls + 1], patches[:, middle:]], dim=1)
+
+
+class BiMambaMixer(nn.Module):
+    """Mamba mixer with ``bimamba_type="v2"``: shared in/out projections, per-direction conv and SSM."""
+
+    def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        inner = expand * dim
+        self.inner_dim, self.d_state, self.dt_rank = inner, d_state, math.ceil(dim / 16)
+        self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, inner, bias=True)
+        self.conv1d_b = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj_b = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj_b = nn.Linear(self.dt_rank, inner, bias=True)
+        s4d_real = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1)
+        self.A_log = nn.Parameter(s4d_real.clone())
+        self.A_b_log = nn.Parameter(s4d_real.clone())
+        self.D = nn.Parameter(torch.ones(inner))
+        self.D_b = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+        for dt_proj in (self.dt_proj, self.dt_proj_b):
+            bound = self.dt_rank ** -0.5
+            nn.init.uniform_(dt_proj.weight, -bound, bound)
+            log_dt = torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+            dt = log_dt.exp().clamp(min=dt_init_floor)
+            with torch.no_grad():
+                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def _direction(self, u: torch.Tensor, x_proj: nn.Linear, dt_proj: nn.Linear):
+        """Step sizes and input/output projections of one direction from its conv output ``u`` [B, T, E]."""
+        low_rank, B, C = x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # The step is formed in fp32 as in the official scan (bias and softplus applied inside the kernel).
+        delta = F.softplus(fp32_or_wider(F.linear(low_rank, dt_proj.weight)) + fp32_or_wider(dt_proj.bias))
+        return delta, B, C
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        length = hidden.shape[1]
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)
+        x = x.transpose(1, 2)
+        groups = self.inner_dim
+        u_fwd = F.conv1d(x, self.conv1d.weight, self.conv1d.bias, padding=self.conv1d.padding, groups=groups)
+        # Official: causal conv on the flipped sequence; in natural order that is an anti-causal conv with
+        # the kernel reversed.
+        u_bwd = F.conv1d(F.pad(x, (0, self.conv1d_b.kernel_size[0] - 1)), self.conv1d_b.weight.flip(-1),
+                         self.conv1d_b.bias, groups=groups)
+        u_fwd = F.silu(u_fwd[..., :length]).transpose(1, 2)
+        u_bwd = F.silu(u_bwd).transpose(1, 2)
+        delta_fwd, B_fwd, C_fwd = self._direction(u_fwd, self.x_proj, self.dt_proj)
+        delta_bwd, B_bwd, C_bwd = self._direction(u_bwd, self.x_proj_b, self.dt_proj_b)
+        A = -fp32_or_wider(torch.stack([self.A_log, self.A_b_log])).exp()
+        y = kernels.bi_selective_scan(torch.stack([u_fwd, u_bwd]), torch.stack([delta_fwd, delta_bwd]), A,
+                                      torch.stack([B_fwd, B_bwd]), torch.stack([C_fwd, C_bwd]),
+                                      fp32_or_wider(torch.stack([self.D, self.D_b])))
+        return self.out_proj(y * F.silu(z))
+
+
+class VimLayer(nn.Module):
+    """Add -> RMSNorm -> mixer, with the residual stream kept in fp32 (official ``residual_in_fp32``).
+
+    ``drop_path`` acts on the *incoming* mixer output, i.e. the previous layer's, as in the official code.
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0):
+        super().__init__()
+        self.mixer = BiMambaMixer(dim)
+        self.norm = nn.RMSNorm(dim, eps=1e-5)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = fp32_or_wider(hidden) if residual is None else residual + fp32_or_wider(self.drop_path(hidden))
+        return self.mixer(self.norm(residual.to(self.norm.weight.dtype))), residual
+
+
+class Vim(nn.Module):
+    """Vision Mamba: 16x16 patches, class token in the middle of the sequence, 24 bidirectional layers."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 192, depth: int = 24,
+                 drop_rate: float = 0.0, pos_drop_rate: float = 0.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"Vim supports global_pool 'token' (middle class token), 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.pos_grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1] + 1, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        incoming_rates = [0.0] + rates
+        self.layers = nn.ModuleList(VimLayer(embed_dim, drop_path=incoming_rates[i]) for i in range(depth))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = nn.RMSNorm(embed_dim, eps=1e-5)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}") for i in range(depth)]
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        for layer in self.layers:
+            # GPT-2 style: one residual branch per layer, scaled by 1/sqrt(depth).
+            out_proj = layer.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(out_proj, a=math.sqrt(5))
+            with torch.no_grad():
+                out_proj.div_(math.sqrt(depth))
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        names = {"pos_embed", "cls_token"}
+        for name, _ in self.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("A_log", "A_b_log", "D", "D_b"):
+                names.add(name)
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"Vim supports global_pool 'token', 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``pos_embed`` for a token grid (resized when it differs from the stored one)."""
+        if tuple(grid) == tuple(self.pos_grid):
+            return self.pos_embed
+        return resize_pos_embed(self.pos_embed, grid, self.pos_grid)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patches with the class token inserted at index ``M // 2`` and position embedding added."""
+        check_input(x, self.in_chans, self.patch_size, type(self).__name__)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.patch_embed(x)
+        middle = x.shape[1] // 2
+        x = torch.cat([x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, middle:]], dim=1)
+        return self.pos_drop(x + self.position_embedding(grid)), grid
+
+    def run_layer(self, layer: VimLayer, hidden: torch.Tensor, residual: torch.Tensor | None):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(layer, hidden, residual, use_reentrant=False)
+        return layer(hidden, residual)
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm_f((residual + fp32_or_wider(self.drop_path(hidden))).to(self.norm_f.weight.dtype))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens ``[B, M + 1, D]`` with the class token at index ``M // 2``."""
+        hidden, _ = self.embed(x)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = self.run_layer(layer, hidden, residual)
+        return self.final_norm(hidden, residual)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        middle = (x.shape[1] - 1) // 2
+        if self.global_pool == "token":
+            x = x[:, middle]
+        elif self.global_pool == "avg":
+            x = torch.cat([x[:, :middle], x[:, middle + 1:]], dim=1).mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Residual-stream values after the chosen layers, class token removed, as NCHW maps or NLC tokens."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        hidden, grid = self.embed(x)
+        middle = grid[0] * grid[1] // 2
+        layers = self.layers[:max_index + 1] if stop_early else self.layers
+        residual, intermediates = None, []
+        for i, layer in enumerate(layers):
+            hidden, residual = self.run_layer(layer, hidden, residual)
+            if i in take_indices:
+                y = self.final_norm(hidden, residual) if norm else residual + fp32_or_wider(hidden)
+                y = torch.cat([y[:, :middle], y[:, middle + 1:]], dim=1).to(hidden.dtype)
+                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self.final_norm(hidden, residual), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+def checkpoint_filter_fn(state_dict: dict, model: Vim) -> dict:
+    """Resize a checkpoint's ``pos_embed`` (square grid plus middle class entry) to the model's grid."""
+    out = dict(state_dict)
+    pos_embed = out.get("pos_embed")
+    if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
+        side = math.isqrt(pos_embed.shape[1] - 1)
+        if side * side != pos_embed.shape[1] - 1:
+            raise ValueError(f"pos_embed of shape {tuple(pos_embed.shape)} is not a square grid plus a class token")
+        out["pos_embed"] = resize_pos_embed(pos_embed, model.pos_grid, (side, side))
+    return out
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> Vim:
+    out_indices = kwargs.pop("out_indices", (5, 11, 17, 23))
+    return build_model_with_cfg(Vim, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
+        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj", "classifier": "head",
+        "paper_ids": "arXiv:2401.09417", "origin_url": "https://github.com/hustvl/Vim", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "vim_tiny.in1k": _cfg(),
+    "vim_small.in1k": _cfg(),
+    "vim_base.in1k": _cfg(),
+})
+
+
+@register_model
+def vim_tiny(pretrained: bool = False, **kwargs) -> Vim:
+    """Vim-T: width 192, 24 layers (7.15 M parameters)."""
+    return _create("vim_tiny", pretrained, **dict(dict(embed_dim=192, depth=24), **kwargs))
+
+
+@register_model
+def vim_small(pretrained: bool = False, **kwargs) -> Vim:
+    """Vim-S: width 384, 24 layers (25.8 M parameters)."""
+    return _create("vim_small", pretrained, **dict(dict(embed_dim=384, depth=24), **kwargs))
+
+
+@register_model
+def vim_base(pretrained: bool = False, **kwargs) -> Vim:
+    """Vim-B: width 768, 24 layers (97.6 M parameters)."""
+    return _create("vim_base", pretrained, **dict(dict(embed_dim=768, depth=24), **kwargs))
+
+
+@register_model
+def vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(pretrained=False, **kwargs):
+    """The official registration name of Vim-T (same model as ``vim_tiny``)."""
+    return vim_tiny(pretrained, **kwargs)
+
+
+@register_model
+def vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2(pretrained=False, **kwargs):
+    """The official registration name of Vim-S (same model as ``vim_small``)."""
+    return vim_small(pretrained, **kwargs)
+
+
+@register_model
+def vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2(pretrained=False,
+                                                                                            **kwargs):
+    """The official registration name of Vim-B (same model as ``vim_base``)."""
+    return vim_base(pretrained, **kwargs)
