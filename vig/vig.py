@@ -62,14 +62,21 @@ class BiGLAMixer(nn.Module):
         for module in (self.in_proj[0], self.qkv_proj, self.g_proj, self.o_proj, *self.gk_proj):
             nn.init.xavier_uniform_(module.weight, gain=gain)
 
-    def local_mix(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The depthwise 3x3 convolution on the raster-ordered token grid."""
-        batch, _, dim = x.shape
-        x = x.transpose(1, 2).reshape(batch, dim, *grid)
-        return self.in_proj(x).flatten(2).transpose(1, 2)
+    def local_mix(self, x: torch.Tensor, grid: tuple[int, int], keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The depthwise 3x3 convolution on the raster-ordered token grid.
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        u = self.local_mix(x, grid)
+        With ``keep`` ([B, L] ascending grid indices of the tokens in ``x``), the tokens are scattered into a
+        zero grid first, so hidden positions contribute nothing (a sparse convolution, as in SparK).
+        """
+        batch, _, dim = x.shape
+        if keep is not None:
+            index = keep.unsqueeze(-1).expand(-1, -1, dim)
+            x = x.new_zeros(batch, grid[0] * grid[1], dim).scatter(1, index, x)
+        x = self.in_proj(x.transpose(1, 2).reshape(batch, dim, *grid)).flatten(2).transpose(1, 2)
+        return x if keep is None else x.gather(1, index)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], keep: torch.Tensor | None = None) -> torch.Tensor:
+        u = self.local_mix(x, grid, keep)
         q, k, v = self.qkv_proj(u).split([self.key_dim, self.key_dim, u.shape[-1]], dim=-1)
         # Log-space gates in fp32: logsigmoid has no lower bound and the kernels assume g <= 0 exactly.
         gates = F.logsigmoid(fp32_or_wider(self.gk_proj(u))) / self.gate_logit_normalizer
@@ -106,8 +113,8 @@ class GLABlock(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.attn_norm(x), grid))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int], keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.attn_norm(x), grid, keep))
         return x + self.drop_path(self.mlp(self.mlp_norm(x)))
 
 
@@ -204,20 +211,42 @@ class ViG(nn.Module):
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Stem plus position embedding (resized when the grid differs from the stored one)."""
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Stem plus position embedding (resized when the grid differs from the stored one); tokens where
+        ``mask`` ([B, N], True = hidden) is set are replaced by ``mask_token`` before the position embedding."""
         check_input(x, self.in_chans, self.patch_size, type(self).__name__)
         x, grid = self.patch_embed(x)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         pos_embed = self.pos_embed
         if grid != self.pos_grid:
             pos_embed = resample_abs_pos_embed(pos_embed, list(grid), list(self.pos_grid), num_prefix_tokens=0,
                                                antialias=False)
         return self.pos_drop(x + pos_embed), grid
 
-    def run_block(self, block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def run_block(self, block: nn.Module, x: torch.Tensor, grid: tuple[int, int],
+                  keep: torch.Tensor | None = None) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, grid, use_reentrant=False)
-        return block(x, grid)
+            return checkpoint(block, x, grid, keep, use_reentrant=False)
+        return block(x, grid, keep)
+
+    def forward_visible(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Encode only the tokens at ``keep`` ([B, L] ascending raster indices), in raster order, with the
+        dwconv on the sparse grid. Returns normalised tokens [B, L, C] (MAE's order-preserving encoder)."""
+        x, grid = self.embed(x)
+        x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        for block in self.blocks:
+            x = self.run_block(block, x, grid, keep)
+        return self.norm(x)
+
+    def forward_mask_tokens(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """Encode the full grid with hidden tokens ([B, N] ``mask``) replaced by ``mask_token`` (SimMIM-style).
+        Returns normalised tokens [B, N, C]."""
+        x, grid = self.embed(x, mask, mask_token)
+        for block in self.blocks:
+            x = self.run_block(block, x, grid)
+        return self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, grid = self.embed(x)
@@ -316,6 +345,7 @@ class HierViG(nn.Module):
         self.in_chans = in_chans
         self.patch_size = 2 ** (len(depths) + 1)
         self.num_features = self.head_hidden_size = dims[-1]
+        self.embed_dim = dims[0]
         self.grad_checkpointing = False
         stem_dim = dims[0] // 2
         self.patch_embed = nn.Sequential(
@@ -388,6 +418,23 @@ class HierViG(nn.Module):
         for stage in self.layers:
             x = stage.downsample(self.run_stage(stage, x))
         return x.permute(0, 3, 1, 2)
+
+    def forward_visible(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("ViG-H downsamples with strided convolutions, which need the full grid: "
+                                  "pretrain it with mask tokens (forward_mask_tokens, mask_mode 'mask_token')")
+
+    def forward_mask_tokens(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """Encode with hidden units replaced by ``mask_token`` at the stem. ``mask`` [B, N] lives on the
+        stride-32 output grid; each unit covers 8x8 stem tokens. Returns normalised tokens [B, N, C]."""
+        check_input(x, self.in_chans, self.patch_size, type(self).__name__)
+        x = self.patch_embed(x)
+        batch, height, width, _ = x.shape
+        units = mask.reshape(batch, height * 4 // self.patch_size, width * 4 // self.patch_size)
+        units = units.repeat_interleave(self.patch_size // 4, 1).repeat_interleave(self.patch_size // 4, 2)
+        x = torch.where(units.unsqueeze(-1), mask_token.to(x.dtype), x)
+        for stage in self.layers:
+            x = stage.downsample(self.run_stage(stage, x))
+        return self.classifier.norm(x).flatten(1, 2)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.classifier.norm(x.permute(0, 2, 3, 1))

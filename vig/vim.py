@@ -197,14 +197,52 @@ class Vim(nn.Module):
             return self.pos_embed
         return resize_pos_embed(self.pos_embed, grid, self.pos_grid)
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Patches with the class token inserted at index ``M // 2`` and position embedding added."""
+    def embed_parts(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None):
+        """Patch tokens [B, M, D] and the class token [B, 1, D], each with its position embedding, and the
+        grid. Patches where ``mask`` ([B, M], True = hidden) is set become ``mask_token`` first."""
         check_input(x, self.in_chans, self.patch_size, type(self).__name__)
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         x = self.patch_embed(x)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
+        pos_embed = self.position_embedding(grid)
         middle = x.shape[1] // 2
-        x = torch.cat([x[:, :middle], self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x[:, middle:]], dim=1)
-        return self.pos_drop(x + self.position_embedding(grid)), grid
+        patches = x + torch.cat([pos_embed[:, :middle], pos_embed[:, middle + 1:]], dim=1)
+        cls = (self.cls_token + pos_embed[:, middle:middle + 1]).expand(x.shape[0], -1, -1).to(x.dtype)
+        return self.pos_drop(patches), self.pos_drop(cls), grid
+
+    @staticmethod
+    def insert_middle(patches: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        middle = patches.shape[1] // 2
+        return torch.cat([patches[:, :middle], cls, patches[:, middle:]], dim=1)
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patches with the class token inserted at index ``M // 2`` and position embedding added."""
+        patches, cls, grid = self.embed_parts(x)
+        return self.insert_middle(patches, cls), grid
+
+    def encode_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """All layers and the final norm on an embedded sequence of any length."""
+        residual = None
+        for layer in self.layers:
+            hidden, residual = self.run_layer(layer, hidden, residual)
+        return self.final_norm(hidden, residual)
+
+    def forward_visible(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Encode only the patches at ``keep`` ([B, L] ascending raster indices), in raster order, with the
+        class token in the middle of the visible sequence. Returns normalised patch tokens [B, L, D]."""
+        patches, cls, _ = self.embed_parts(x)
+        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        out = self.encode_sequence(self.insert_middle(patches, cls))
+        middle = patches.shape[1] // 2
+        return torch.cat([out[:, :middle], out[:, middle + 1:]], dim=1)
+
+    def forward_mask_tokens(self, x: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+        """Encode all patches with hidden ones replaced by ``mask_token``; normalised patch tokens [B, M, D]."""
+        patches, cls, _ = self.embed_parts(x, mask, mask_token)
+        out = self.encode_sequence(self.insert_middle(patches, cls))
+        middle = patches.shape[1] // 2
+        return torch.cat([out[:, :middle], out[:, middle + 1:]], dim=1)
 
     def run_layer(self, layer: VimLayer, hidden: torch.Tensor, residual: torch.Tensor | None):
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -216,11 +254,7 @@ class Vim(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens ``[B, M + 1, D]`` with the class token at index ``M // 2``."""
-        hidden, _ = self.embed(x)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = self.run_layer(layer, hidden, residual)
-        return self.final_norm(hidden, residual)
+        return self.encode_sequence(self.embed(x)[0])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         middle = (x.shape[1] - 1) // 2

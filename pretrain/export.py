@@ -1,0 +1,45 @@
+"""Export a pretrained image tower in timm's format (``config.json`` + ``model.safetensors``).
+
+The folder loads with ``timm.create_model(name, checkpoint_path=f"{folder}/model.safetensors", num_classes=0)``
+or ``timm.create_model("local-dir:" + folder)``; for fine-tuning with a new head, use
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), num_classes=N)``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import save_for_hf
+
+import vig  # noqa: F401  (registers the architectures with timm)
+
+
+def export_timm(state_dict: Mapping[str, torch.Tensor], architecture: str, out_dir: str | Path,
+                **model_args) -> Path:
+    """Build ``architecture`` (headless) with ``model_args``, load ``state_dict`` strictly and write the folder
+    atomically: a crash leaves the previous export (or nothing), never half of one."""
+    out_dir = Path(out_dir)
+    model = timm.create_model(architecture, num_classes=0, **model_args)
+    model.load_state_dict({k: v.detach().float().cpu() for k, v in state_dict.items()}, strict=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_for_hf(model, str(staging), model_args=dict(model_args), safe_serialization=True)
+        previous = out_dir.with_name(out_dir.name + ".old")
+        if out_dir.exists():
+            os.replace(out_dir, previous)
+        os.replace(staging, out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def sub_state_dict(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix`` (e.g. ``encoder.``) with the prefix removed."""
+    return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}

@@ -1,0 +1,180 @@
+"""MAE pretraining of a ViG, ViG-H or Vim image tower on WebDataset shards.
+
+    accelerate launch pretrain/mae.py recipes/vig_b.yaml [section.key=value ...]
+    accelerate launch pretrain/mae.py recipes/vig_b.yaml --export-from runs/mae_vig_b/checkpoints/step_00010000
+
+Runs on CPU, one or many GPUs and nodes (DDP, or DeepSpeed ZeRO 1-3 through the accelerate configs in
+``recipes/accelerate/``). The encoder is exported to ``<output_dir>/encoder`` in timm's format at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torchvision.utils import make_grid
+
+from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.data import build_loader
+from pretrain.export import export_timm, sub_state_dict
+from pretrain.guards import NonFiniteGuard, StopSignal
+from pretrain.masked_autoencoder import MaskedAutoencoder
+from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe
+from pretrain.schema import MAERecipe
+from pretrain.tracking import Throughput, Tracker, accelerator_kwargs, progress_bar
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.batch_size=128")
+    parser.add_argument("--export-from", help="export the encoder of this checkpoint and exit")
+    parser.add_argument("--export-to", help="export folder (default: <output_dir>/encoder)")
+    return parser.parse_args(argv)
+
+
+def build_accelerator(recipe: MAERecipe, run_dir: Path) -> Accelerator:
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.optim.accum_steps,
+                              mixed_precision=recipe.train.mixed_precision,
+                              **accelerator_kwargs(run_dir, recipe.train.wandb))
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:
+        # The loader is not prepared, so DeepSpeed cannot infer the micro-batch; accumulation has one source.
+        config = deepspeed.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = recipe.optim.batch_size
+        configured = config.get("gradient_accumulation_steps", "auto")
+        if configured not in ("auto", recipe.optim.accum_steps):
+            raise ValueError(f"DeepSpeed config has gradient_accumulation_steps={configured} but the recipe has "
+                             f"optim.accum_steps={recipe.optim.accum_steps}; set one of them to match")
+        config["gradient_accumulation_steps"] = recipe.optim.accum_steps
+    return accelerator
+
+
+def encoder_args(recipe: MAERecipe) -> dict:
+    return dict(img_size=recipe.model.img_size, in_chans=recipe.model.in_chans)
+
+
+def export_encoder(accelerator: Accelerator, model: torch.nn.Module, recipe: MAERecipe, out_dir: Path) -> None:
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; call on every process
+    if accelerator.is_main_process:
+        export_timm(sub_state_dict(state_dict, "encoder."), recipe.model.encoder, out_dir, **encoder_args(recipe))
+        accelerator.print(f"exported encoder to {out_dir}")
+    accelerator.wait_for_everyone()
+
+
+def image_grid(model: MaskedAutoencoder, images: torch.Tensor, prediction: torch.Tensor, mask: torch.Tensor,
+               mean: torch.Tensor, std: torch.Tensor, count: int = 8) -> torch.Tensor:
+    """Rows of original / masked / reconstruction (visible patches pasted back), in [0, 1]."""
+    images, prediction, mask = images[:count].float(), prediction[:count], mask[:count]
+    masked, reconstruction = model.reconstruct(images, prediction, mask)
+    rows = torch.cat([images, masked, reconstruction]) * std + mean
+    return make_grid(rows.clamp(0, 1), nrow=images.shape[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, MAERecipe, args.overrides)
+    run_dir = Path(recipe.train.output_dir)
+    accelerator = build_accelerator(recipe, run_dir)
+    set_seed(recipe.train.seed, device_specific=True)
+
+    model = MaskedAutoencoder(**dataclasses.asdict(recipe.model))
+    if recipe.train.grad_checkpointing:
+        model.encoder.set_grad_checkpointing(True)
+    data_cfg = model.encoder.pretrained_cfg
+    loader = build_loader(recipe.data.train_shards, "mae", recipe.optim.batch_size, recipe.model.img_size,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          num_workers=recipe.data.num_workers, resampled=recipe.data.resampled,
+                          samples_per_epoch=recipe.data.samples_per_epoch if recipe.data.resampled else None,
+                          seed=recipe.train.seed, shuffle_buffer=recipe.data.shuffle_buffer,
+                          mean=data_cfg["mean"], std=data_cfg["std"], max_bad_fraction=recipe.data.max_bad_fraction)
+
+    updates_per_epoch = max(1, loader.steps_per_epoch // recipe.optim.accum_steps)
+    total_updates = recipe.optim.epochs * updates_per_epoch
+    global_batch = recipe.optim.batch_size * recipe.optim.accum_steps * accelerator.num_processes
+    lr = recipe.optim.lr or scaled_lr(recipe.optim.base_lr, global_batch)
+    optimizer = build_optimizer(model, lr, recipe.optim.weight_decay, recipe.optim.betas, recipe.optim.eps)
+    scheduler = build_scheduler(optimizer, total_updates, recipe.optim.warmup_epochs * updates_per_epoch,
+                                recipe.optim.min_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
+    for stateful in (state, loader, scheduler, guard):
+        accelerator.register_for_checkpointing(stateful)
+    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
+
+    if args.export_from:
+        checkpoints.resume(args.export_from)
+        export_encoder(accelerator, model, recipe, Path(args.export_to or run_dir / "encoder"))
+        return
+
+    checkpoints.resume(recipe.train.resume)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    tracker = Tracker(accelerator, run_dir, "mae", recipe_to_dict(recipe))
+    last_update = min(total_updates, recipe.train.max_steps or total_updates)
+    accelerator.print(f"MAE {recipe.model.encoder} ({recipe.model.mask_mode}): {last_update} updates from step "
+                      f"{state.step}, global batch {global_batch}, lr {lr:.3g}, {accelerator.num_processes} processes")
+    mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
+    throughput = Throughput()
+    bar = progress_bar(accelerator, total=last_update, initial=state.step, description="mae")
+    grad_norm = torch.tensor(0.0)
+
+    with StopSignal() as stop:
+        while state.step < last_update:
+            state.epoch = loader.epoch
+            for images in loader:
+                images = images.to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    scheduler.step_update(state.step)
+                    with accelerator.autocast():
+                        loss, prediction, mask = model(images)
+                    if not guard.check(loss, state.step):
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                                    recipe.optim.clip_grad or math.inf)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                throughput.update(images.shape[0] * accelerator.num_processes)
+                state.samples_seen += images.shape[0] * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                bar.update(1)
+                if state.step % recipe.train.log_every == 0 or state.step == last_update:
+                    scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": optimizer.param_groups[0]["lr"],
+                               "grad_norm": grad_norm, "images_per_second": throughput.rate() or 0.0,
+                               "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
+                               "bad_samples": loader.bad_sample_count}
+                    tracker.log(scalars, state.step)
+                    bar.set_postfix(loss=f"{scalars['loss'].item():.4f}", lr=f"{scalars['lr']:.2e}")
+                if state.step % recipe.train.image_every == 0 and accelerator.is_main_process:
+                    unwrapped = accelerator.unwrap_model(model)
+                    tracker.log_image("reconstruction", image_grid(unwrapped, images.cpu(), prediction.cpu(),
+                                                                    mask.cpu(), mean, std), state.step)
+                stopping = stop.should_stop(accelerator)
+                if state.step % recipe.train.checkpoint_every == 0 or stopping or state.step == last_update:
+                    checkpoints.save(state.step)
+                if stopping:
+                    accelerator.print(f"stopped by {stop.received} at step {state.step}; resume with train.resume=auto")
+                    tracker.close()
+                    return
+                if state.step >= last_update:
+                    break
+    bar.close()
+    export_encoder(accelerator, model, recipe, Path(args.export_to or run_dir / "encoder"))
+    tracker.close()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

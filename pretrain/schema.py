@@ -1,0 +1,82 @@
+"""Recipe sections shared by the pretraining scripts (see ``docs/training.md`` for the mechanism)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataSection:
+    train_shards: str = ""
+    """Shard directory, brace/glob pattern or ``::``-joined patterns of the training set."""
+    val_shards: str | None = None
+    """Labelled shards for the evaluation run during or after training (optional)."""
+    resampled: bool = True
+    """Draw shards with replacement (the open_clip default for large sets); False reads each sample once per epoch."""
+    samples_per_epoch: int | None = None
+    """Virtual epoch size in resampled mode; defaults to one pass over the shards."""
+    num_workers: int = 8
+    shuffle_buffer: int = 5000
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class OptimSection:
+    batch_size: int = 64
+    """Micro-batch per process."""
+    accum_steps: int = 1
+    base_lr: float = 1.5e-4
+    """Learning rate for an effective batch of 256; scaled linearly (``lr = base_lr * global_batch / 256``)."""
+    lr: float | None = None
+    """Absolute learning rate; overrides ``base_lr`` when set."""
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    epochs: int = 800
+    warmup_epochs: int = 40
+    clip_grad: float | None = None
+    """Clip the gradient norm to this value (None: measure it without clipping)."""
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/run"
+    seed: int = 0
+    mixed_precision: str | None = None
+    """``no``, ``fp16`` or ``bf16``; None keeps what ``accelerate launch`` configured."""
+    max_steps: int | None = None
+    """Stop after this many optimizer updates (the schedule still spans ``optim.epochs``)."""
+    log_every: int = 20
+    image_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in ``output_dir`` if any), ``none``, or a checkpoint path."""
+    max_nonfinite: int = 10
+    """Stop with an error after this many consecutive steps with a NaN/Inf loss."""
+    grad_checkpointing: bool = False
+    wandb: bool | str = "auto"
+    """Also log to Weights & Biases: True, False, or ``auto`` (when installed and configured)."""
+
+
+@dataclass
+class MAEModelSection:
+    encoder: str = "vig_base"
+    img_size: int = 224
+    in_chans: int = 3
+    mask_mode: str = "visible"
+    """``visible`` (order-preserving drop, sparse dwconv) or ``mask_token`` (full grid, SimMIM-like)."""
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class MAERecipe:
+    model: MAEModelSection = field(default_factory=MAEModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
