@@ -26,6 +26,10 @@ def export_timm(state_dict: Mapping[str, torch.Tensor], architecture: str, out_d
     out_dir = Path(out_dir)
     model = timm.create_model(architecture, num_classes=0, **model_args)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in state_dict.items()}, strict=True)
+    if "img_size" in model_args:
+        size = model_args["img_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (model_args.get("in_chans", 3), height, width)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

@@ -1,0 +1,1 @@
+"""Evaluation of pretrained towers: linear probing, zero-shot classification, fine-tuning."""

@@ -1,0 +1,1 @@
+"""Pretraining machinery: data layer, MAE and CLIP trainers."""

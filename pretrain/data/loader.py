@@ -1,0 +1,257 @@
+"""Streaming loader for one rank: epochs, resumable position, bad-sample accounting and throughput."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+import webdataset as wds
+from webdataset.utils import make_seed
+
+from .layout import rank_span, rank_steps
+from .shards import expand_shards, shard_sizes
+from .stream import BadDataError, BadSample, StreamConfig, WorkerStream
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, TASKS, image_transform
+
+logger = logging.getLogger(__name__)
+
+KEPT_BAD_SAMPLES = 1000  # records kept for inspection; all are counted
+LOGGED_BAD_SAMPLES = 20
+THROUGHPUT_WINDOW = 50  # batches
+
+
+class ShardLoader:
+    """Batches of one rank, epoch after epoch; built by :func:`build_loader`.
+
+    Iterating yields the rest of the current epoch and then moves to the next one; leaving a loop early keeps
+    the position, so the next iteration (or a loader restored from :meth:`state_dict`) continues from it.
+    """
+
+    def __init__(self, config: StreamConfig, *, num_workers: int, pin_memory: bool):
+        self.config = config
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.batches_done = 0  # in the current epoch
+        self.samples_seen = 0
+        self.bad_sample_count = 0
+        self.bad_samples: list[BadSample] = []  # the first KEPT_BAD_SAMPLES records
+        self._epoch_bad = 0
+        self._recent: deque[tuple[float, int]] = deque(maxlen=THROUGHPUT_WINDOW)
+        self._waited = 0.0
+        self._iterating_since: float | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on this rank (the same on every rank when ``drop_last``)."""
+        return self.config.steps_per_epoch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank is meant to deliver per epoch."""
+        return self.config.samples_per_epoch
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[object]:
+        config = self.config
+        if self.batches_done == 0:
+            self._epoch_bad = 0
+        generator = torch.Generator().manual_seed(make_seed(config.seed, self.epoch, config.rank, self.batches_done))
+        loader = wds.WebLoader(
+            WorkerStream(config, self.epoch, self.batches_done),
+            batch_size=None,  # workers deliver whole batches
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,  # seeds the workers' augmentation RNGs
+            in_order=True,  # the resume position assumes round-robin delivery (see layout)
+        )
+        deliveries = iter(loader)
+        self._iterating_since = self._iterating_since or time.perf_counter()
+        while True:
+            asked = time.perf_counter()
+            delivery = next(deliveries, None)
+            self._waited += time.perf_counter() - asked
+            if delivery is None:
+                break
+            self._account(delivery.bad)
+            if delivery.payload is None:
+                continue
+            self.batches_done += 1
+            self.samples_seen += delivery.size
+            self._recent.append((time.perf_counter(), delivery.size))
+            yield delivery.payload
+        if config.drop_last and self.batches_done < self.steps_per_epoch:
+            raise BadDataError(
+                f"rank {config.rank} delivered {self.batches_done} of {self.steps_per_epoch} batches in epoch "
+                f"{self.epoch}: {self._epoch_bad} bad samples could not be replaced; {self._describe_bad()}"
+            )
+        self.epoch += 1
+        self.batches_done = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its beginning; the current epoch keeps its position (safe after a resume)."""
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def state_dict(self) -> dict:
+        """The loader's position: identical on every rank, so saving it from the main process suffices."""
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "samples_seen": self.samples_seen,
+                "layout": self._layout()}
+
+    def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
+        """Continue from a saved position.
+
+        With ``strict`` the data, world size, workers, batch size and seed must match the saved run (the resume
+        guarantee depends on them); with ``strict=False`` a mismatch only loosens it: the epoch and step count
+        continue, but which samples repeat or are skipped in the resumed epoch is no longer bounded.
+        """
+        if strict:
+            saved = state["layout"]
+            changed = [f"{key} saved {saved.get(key)!r}, now {value!r}" for key, value in self._layout().items()
+                       if saved.get(key) != value]
+            if changed:
+                raise ValueError(f"loader state does not match this loader ({'; '.join(changed)}); "
+                                 "use load_state_dict(state, strict=False) to continue anyway")
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.samples_seen = int(state["samples_seen"])
+        if self.batches_done > self.steps_per_epoch:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def stats(self) -> dict[str, float]:
+        """Figures for logging: position, samples/s over the last batches, share of time waiting for data."""
+        rate = 0.0
+        if len(self._recent) > 1:
+            elapsed = self._recent[-1][0] - self._recent[0][0]
+            rate = sum(size for _, size in list(self._recent)[1:]) / max(elapsed, 1e-9)
+        running = time.perf_counter() - self._iterating_since if self._iterating_since else 0.0
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.batches_done,
+            "samples_seen": self.samples_seen,
+            "samples_per_second": rate,
+            "data_wait_fraction": self._waited / running if running else 0.0,
+            "bad_samples": self.bad_sample_count,
+        }
+
+    def _account(self, bad: list[BadSample]) -> None:
+        for record in bad:
+            if len(self.bad_samples) < KEPT_BAD_SAMPLES:
+                self.bad_samples.append(record)
+            if len(self.bad_samples) <= LOGGED_BAD_SAMPLES:
+                logger.warning("skipped bad sample on rank %d: %s", self.config.rank, record)
+            self.bad_sample_count += record.count
+            self._epoch_bad += record.count
+        if self._epoch_bad > self.config.bad_sample_limit:
+            raise BadDataError(
+                f"{self._epoch_bad} bad samples in epoch {self.epoch} on rank {self.config.rank} exceed "
+                f"max_bad_fraction={self.config.max_bad_fraction} of {self.samples_per_epoch} samples; "
+                f"{self._describe_bad()}"
+            )
+
+    def _describe_bad(self) -> str:
+        shown = "; ".join(map(str, self.bad_samples[:5]))
+        return f"first bad samples: {shown}" if shown else "no bad sample recorded"
+
+    def _layout(self) -> dict:
+        """What the per-worker resume positions depend on."""
+        config = self.config
+        return {"num_samples": sum(config.sizes), "num_shards": len(config.urls), "world_size": config.world_size,
+                "num_workers": max(1, self.num_workers), "batch_size": config.batch_size,
+                "steps_per_epoch": config.steps_per_epoch, "resampled": config.resampled,
+                "drop_last": config.drop_last, "seed": config.seed}
+
+
+def build_loader(
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    task: str,
+    batch_size: int,
+    image_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+    resampled: bool = False,
+    samples_per_epoch: int | None = None,
+    seed: int = 0,
+    shuffle: bool | None = None,
+    shuffle_buffer: int = 1000,
+    drop_last: bool | None = None,
+    tokenizer: Callable[[str], torch.Tensor] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = 0.875,
+    max_bad_fraction: float = 0.01,
+    sizes: Mapping[str, int] | None = None,
+    with_keys: bool = False,
+    pin_memory: bool = False,
+) -> ShardLoader:
+    """A loader of CPU batches for one rank; never pass it through ``accelerator.prepare``.
+
+    Args:
+        shards: shard directory, brace or glob pattern, ``::``-joined patterns, or a list of them.
+        task: ``"mae"`` yields images ``[B, 3, S, S]``; ``"clip"`` yields ``(images, token ids [B, L])``, or
+            ``(images, list of captions)`` without a tokenizer; ``"eval"`` yields ``(images, labels [B])``.
+            ``with_keys`` appends the list of sample keys.
+        rank, world_size: this process's place (accelerate's ``process_index`` / ``num_processes``).
+        resampled: draw shards with replacement (endless stream cut into epochs of ``samples_per_epoch``,
+            default one pass's worth) instead of reading every sample once per epoch.
+        shuffle, drop_last: default True for mae/clip, False for eval. ``drop_last`` gives every rank the same
+            number of full batches, ``len(loader)``; without it every sample is delivered exactly once.
+        shuffle_buffer: per-worker sample shuffle buffer (also the resume bound; < 2 disables it).
+        max_bad_fraction: raise :class:`BadDataError` once more than this fraction of a rank's epoch was bad.
+        sizes: shard file name -> sample count, where no ``sizes.json`` sits next to the shards.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
+        raise ValueError("batch_size must be positive, num_workers and shuffle_buffer non-negative")
+    if tokenizer is not None and task != "clip":
+        raise ValueError(f"a tokenizer is only used by task 'clip', not {task!r}")
+    training = task != "eval"
+    shuffle = training if shuffle is None else shuffle
+    drop_last = training if drop_last is None else drop_last
+    if resampled and not drop_last:
+        raise ValueError("resampled mode always drops partial batches; do not pass drop_last=False")
+    if samples_per_epoch is not None and not resampled:
+        raise ValueError("samples_per_epoch applies to resampled mode; an epoch otherwise reads every sample")
+
+    urls = expand_shards(shards)
+    counts = shard_sizes(urls, sizes)
+    total = sum(counts)
+    if total == 0:
+        raise ValueError(f"the {len(urls)} shards hold no samples according to their counts (first {urls[0]!r})")
+    steps, rank_samples = _rank_epoch(total, samples_per_epoch, rank, world_size, batch_size, drop_last, resampled)
+    transform = image_transform(task, image_size, mean=mean, std=std, crop_pct=crop_pct)
+    config = StreamConfig(
+        urls=tuple(urls), sizes=tuple(counts), task=task, batch_size=batch_size, steps_per_epoch=steps,
+        samples_per_epoch=rank_samples, max_bad_fraction=max_bad_fraction, rank=rank, world_size=world_size,
+        resampled=resampled, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last, seed=seed,
+        transform=transform, tokenizer=tokenizer, with_keys=with_keys,
+    )
+    return ShardLoader(config, num_workers=num_workers, pin_memory=pin_memory)
+
+
+def _rank_epoch(
+    total: int, samples_per_epoch: int | None, rank: int, world_size: int, batch_size: int, drop_last: bool,
+    resampled: bool,
+) -> tuple[int, int]:
+    """Batches and samples per epoch on ``rank``."""
+    if resampled:
+        steps = (samples_per_epoch or total) // world_size // batch_size
+    else:
+        steps = rank_steps(total, rank, world_size, batch_size, drop_last)
+    if drop_last and steps == 0:
+        raise ValueError(f"{samples_per_epoch or total} samples per epoch give no full batch of {batch_size} "
+                         f"on each of {world_size} ranks")
+    if drop_last:
+        return steps, steps * batch_size
+    start, stop = rank_span(total, rank, world_size)
+    return steps, stop - start

@@ -1,0 +1,178 @@
+"""Sample sources for the writer: an image folder with one subfolder per class, and caption files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .writer import FileImage, ShardSample
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+GENERATED_CAPTIONS_NOTE = (
+    "Captions are generated from the class labels through the caption templates; no person wrote them, so "
+    "zero-shot accuracy on this data measures label-template alignment, not open-vocabulary recognition."
+)
+
+
+@dataclass
+class Source:
+    """Samples to write, plus the dataset-level facts recorded in ``dataset.json``."""
+
+    samples: list[ShardSample]
+    info: dict
+
+
+def template_captions(
+    labels: Sequence[int], class_names: Sequence[str], templates: Sequence[str], seed: int = 0
+) -> list[tuple[str, int]]:
+    """One ``(caption, template index)`` per label: a template drawn with a fixed seed, filled with the class name."""
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"caption template {template!r} must contain exactly one '{{}}' for the class name")
+    choices = np.random.default_rng(seed).integers(len(templates), size=len(labels))
+    return [(templates[choice].format(class_names[label]), int(choice)) for label, choice in zip(labels, choices)]
+
+
+def image_folder_source(
+    root: str | os.PathLike,
+    *,
+    class_names_file: str | os.PathLike | None = None,
+    caption_templates: Sequence[str] = (),
+    caption_seed: int = 0,
+) -> Source:
+    """Images under ``root/<class folder>/...`` (ImageNet layout); labels are the sorted folder order.
+
+    ``class_names_file`` has lines ``<folder> <class name>`` (the format of ImageNet's
+    ``LOC_synset_mapping.txt``); without it the folder names are the class names. With ``caption_templates``
+    (each containing ``{}``), every sample gets a caption generated from its class name, recorded as such.
+    """
+    root = os.fspath(root)
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    class_names = _folder_class_names(folders, class_names_file) if class_names_file else folders
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        for path in _image_files(os.path.join(root, folder)):
+            paths.append(path)
+            labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in class subfolders of {root!r}")
+    captions = template_captions(labels, class_names, caption_templates, caption_seed) if caption_templates else None
+    samples = []
+    for index, (path, label) in enumerate(zip(paths, labels)):
+        metadata = {"source": "image-folder", "path": os.path.relpath(path, root), "label": label,
+                    "class_name": class_names[label]}
+        caption = None
+        if captions is not None:
+            caption, template = captions[index]
+            metadata.update(caption_source="template", template=template)
+        samples.append(ShardSample(FileImage(path), label=label, caption=caption, metadata=metadata))
+    info = {"source": "image-folder", "root": os.path.abspath(root), "class_names": class_names,
+            "class_folders": folders}
+    if caption_templates:
+        info.update(caption_source="template", caption_templates=list(caption_templates),
+                    captions_note=GENERATED_CAPTIONS_NOTE)
+    return Source(samples, info)
+
+
+def caption_file_source(
+    path: str | os.PathLike,
+    *,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    label_column: str = "label",
+    image_root: str | os.PathLike | None = None,
+    class_names_file: str | os.PathLike | None = None,
+) -> Source:
+    """Image path, caption and optional integer label per row of a ``.csv``, ``.tsv`` or ``.jsonl`` file.
+
+    Relative image paths are resolved against ``image_root`` (default: the file's directory). A missing or
+    empty label leaves the sample unlabeled; an empty caption leaves it without ``txt``. ``class_names_file``
+    has one class name per line, line *i* naming label *i*.
+    """
+    path = os.fspath(path)
+    base = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+    class_names = _read_lines(class_names_file) if class_names_file else None
+    samples = []
+    for line, row in _read_rows(path, required=(image_column, caption_column)):
+        image = str(row.get(image_column) or "")
+        if not image:
+            raise ValueError(f"{path}:{line}: empty {image_column!r}")
+        caption = str(row.get(caption_column) or "") or None
+        label = _parse_label(row.get(label_column), f"{path}:{line}")
+        metadata = {"source": "caption-file", "path": image, "line": line, "caption_source": "file"}
+        if label is not None:
+            metadata["label"] = label
+            if class_names is not None:
+                if not 0 <= label < len(class_names):
+                    raise ValueError(f"{path}:{line}: label {label} has no name in {class_names_file} "
+                                     f"({len(class_names)} names)")
+                metadata["class_name"] = class_names[label]
+        samples.append(ShardSample(FileImage(os.path.join(base, image)), label, caption, metadata))
+    if not samples:
+        raise ValueError(f"{path} has no rows")
+    info = {"source": "caption-file", "file": os.path.abspath(path), "caption_source": "file",
+            "class_names": class_names}
+    return Source(samples, info)
+
+
+def _image_files(directory: str) -> Iterator[str]:
+    for folder, subfolders, files in os.walk(directory):
+        subfolders.sort()  # os.walk order is filesystem order; sorting makes the sample list reproducible
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                yield os.path.join(folder, name)
+
+
+def _folder_class_names(folders: Sequence[str], class_names_file: str | os.PathLike) -> list[str]:
+    names = {}
+    for line in _read_lines(class_names_file):
+        folder, *name = line.split(maxsplit=1)
+        names[folder] = name[0] if name else folder
+    missing = [folder for folder in folders if folder not in names]
+    if missing:
+        raise ValueError(f"{class_names_file} names no class for folder {missing[0]!r} ({len(missing)} unnamed)")
+    return [names[folder] for folder in folders]
+
+
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    with open(path, encoding="utf-8-sig") as stream:  # -sig: files saved by spreadsheet programs start with a BOM
+        return [line.strip() for line in stream if line.strip()]
+
+
+def _read_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` pairs; the format follows the file suffix."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".csv", ".tsv", ".jsonl"):
+        raise ValueError(f"{path}: caption files must end in .csv, .tsv or .jsonl")
+    with open(path, encoding="utf-8-sig", newline="") as stream:
+        if suffix == ".jsonl":
+            for number, line in enumerate(stream, start=1):
+                if line.strip():
+                    row = json.loads(line)
+                    _check_columns(path, number, row, required)
+                    yield number, row
+            return
+        reader = csv.DictReader(stream, delimiter="\t" if suffix == ".tsv" else ",")
+        _check_columns(path, 1, dict.fromkeys(reader.fieldnames or ()), required)
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _check_columns(path: str, line: int, row: dict, required: Sequence[str]) -> None:
+    missing = [column for column in required if column not in row]
+    if missing:
+        raise ValueError(f"{path}:{line}: no column {missing[0]!r} (columns: {', '.join(map(str, row))})")
+
+
+def _parse_label(value: object, where: str) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{where}: label {value!r} is not an integer") from None
