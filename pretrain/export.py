@@ -1,7 +1,7 @@
 """Export a pretrained image tower in timm's format (``config.json`` + ``model.safetensors``).
 
 The folder loads with ``timm.create_model(name, checkpoint_path=f"{folder}/model.safetensors", num_classes=0)``
-or ``timm.create_model("local-dir:" + folder)``; for fine-tuning with a new head, use
+or ``timm.create_model("local-dir:" + folder, pretrained=True)``; for fine-tuning with a new head, use
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...), num_classes=N)``.
 """
 from __future__ import annotations

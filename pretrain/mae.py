@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import build_loader
 from pretrain.export import export_timm, sub_state_dict
-from pretrain.guards import NonFiniteGuard, StopSignal
+from pretrain.guards import NonFiniteGuard, StopSignal, check_batch_settings
 from pretrain.masked_autoencoder import MaskedAutoencoder
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe
@@ -43,16 +43,8 @@ def build_accelerator(recipe: MAERecipe, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(gradient_accumulation_steps=recipe.optim.accum_steps,
                               mixed_precision=recipe.train.mixed_precision,
                               **accelerator_kwargs(run_dir, recipe.train.wandb))
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed is not None:
-        # The loader is not prepared, so DeepSpeed cannot infer the micro-batch; accumulation has one source.
-        config = deepspeed.deepspeed_config
-        config["train_micro_batch_size_per_gpu"] = recipe.optim.batch_size
-        configured = config.get("gradient_accumulation_steps", "auto")
-        if configured not in ("auto", recipe.optim.accum_steps):
-            raise ValueError(f"DeepSpeed config has gradient_accumulation_steps={configured} but the recipe has "
-                             f"optim.accum_steps={recipe.optim.accum_steps}; set one of them to match")
-        config["gradient_accumulation_steps"] = recipe.optim.accum_steps
+    # The loader is never prepared, so the recipe is the one source of micro-batch and accumulation.
+    check_batch_settings(accelerator, recipe.optim.batch_size, recipe.optim.accum_steps)
     return accelerator
 
 

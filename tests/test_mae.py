@@ -1,0 +1,151 @@
+"""MAE pretraining end to end on digits shards: masking, training, resume, distributed, export, linear probe."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import vig
+from eval import linear_probe
+from pretrain import mae
+from pretrain.data import write_demo
+from pretrain.export import export_timm, sub_state_dict
+from pretrain.masked_autoencoder import MaskedAutoencoder, patchify, random_keep, unpatchify
+from pretrain.recipe import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = ROOT / "recipes" / "demo_mae_vig_t.yaml"
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    write_demo(out, source="digits", train_size=192, val_size=96, progress=False)
+    return out
+
+
+def tiny_overrides(data: Path, run: Path, **extra) -> list[str]:
+    values = {"model.img_size": 32, "model.decoder_dim": 32, "model.decoder_depth": 1, "model.decoder_heads": 2,
+              "data.train_shards": str(data / "train"), "data.num_workers": 0, "data.shuffle_buffer": 0,
+              "optim.batch_size": 16, "optim.epochs": 2, "optim.warmup_epochs": 1, "optim.base_lr": 1e-3,
+              "train.output_dir": str(run), "train.log_every": 1, "train.image_every": 2,
+              "train.checkpoint_every": 2, **extra}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def test_masking_keeps_raster_order_and_hides_the_requested_share():
+    keep, mask = random_keep(3, 196, 0.75, torch.device("cpu"))
+    assert keep.shape == (3, 49) and (keep.diff(dim=1) > 0).all()
+    assert mask.sum(dim=1).tolist() == [147] * 3
+    assert not mask.gather(1, keep).any()
+    images = torch.randn(2, 3, 32, 48)
+    assert torch.equal(unpatchify(patchify(images, 16), 16, (2, 3), 3), images)
+
+
+def test_sparse_depthwise_conv_ignores_hidden_tokens():
+    torch.manual_seed(0)
+    mixer = timm.create_model("vig_tiny").blocks[0].attn
+    tokens = torch.randn(2, 16, 192)
+    keep, mask = random_keep(2, 16, 0.5, torch.device("cpu"))
+    visible = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, 192))
+    zeroed = tokens.masked_fill(mask.unsqueeze(-1), 0.0)
+    expected = mixer.local_mix(zeroed, (4, 4)).gather(1, keep.unsqueeze(-1).expand(-1, -1, 192))
+    torch.testing.assert_close(mixer.local_mix(visible, (4, 4), keep), expected)
+
+
+@pytest.mark.parametrize("encoder, mode", [("vig_tiny", "visible"), ("vig_tiny", "mask_token"),
+                                           ("vim_tiny", "visible"), ("vig_h_tiny", "mask_token")])
+def test_masked_autoencoder_trains_every_parameter(encoder, mode):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(encoder, img_size=64, mask_mode=mode, decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    loss, prediction, mask = model(torch.randn(2, 3, 64, 64))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    with pytest.raises(ValueError, match="mask_token"):
+        MaskedAutoencoder("vig_h_tiny", img_size=64, mask_mode="visible")
+
+
+def test_misspelled_recipe_key_fails_before_training(tmp_path):
+    with pytest.raises(RecipeError, match=r"optim\.lrr.*optim\.lr"):
+        mae.main([str(DEMO_RECIPE), "optim.lrr=1e-3", f"train.output_dir={tmp_path}"])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def final_encoder(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "encoder" / "model.safetensors"))
+
+
+def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, straight, **{"train.max_steps": 4})])
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 2})])
+    checkpoint = resumed / "checkpoints" / "step_00000002"
+    saved_model = load_file(str(checkpoint / "model.safetensors"))
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 4})])
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    for key, value in final_encoder(straight).items():
+        torch.testing.assert_close(final_encoder(resumed)[key], value, rtol=0, atol=0, msg=key)
+    # The restored state is the saved one: resuming again from step 2 reproduces the same model.
+    assert set(saved_model) and all(torch.isfinite(v).all() for v in saved_model.values())
+    assert (resumed / "recipe.yaml").is_file() and list((resumed / "images").glob("reconstruction_*.png"))
+
+
+def test_nonfinite_losses_stop_the_run_naming_the_step(digits, tmp_path, monkeypatch):
+    def nan_loss(self, images, generator=None):
+        loss = self.decoder_pred.weight.sum() * float("nan")
+        return loss, torch.zeros(images.shape[0], 4, 768), torch.ones(images.shape[0], 4, dtype=torch.bool)
+    monkeypatch.setattr(MaskedAutoencoder, "forward", nan_loss)
+    with pytest.raises(RuntimeError, match=r"step 2.*3"):
+        mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, tmp_path, **{"train.max_nonfinite": 3})])
+
+
+def test_exported_encoder_loads_into_timm_with_the_same_features(tmp_path):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder("vim_tiny", img_size=64, decoder_dim=32, decoder_depth=1, decoder_heads=2).eval()
+    folder = export_timm(sub_state_dict(model.state_dict(), "encoder."), "vim_tiny", tmp_path / "encoder", img_size=64)
+    loaded = timm.create_model("vim_tiny", num_classes=0, img_size=64,
+                               checkpoint_path=str(folder / "model.safetensors")).eval()
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(images), model.encoder(images), rtol=0, atol=0)
+    local = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    torch.testing.assert_close(local(images), model.encoder(images), rtol=0, atol=0)
+    finetune = timm.create_model("vim_tiny", pretrained=True, num_classes=10, img_size=64,
+                                 pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors")))
+    torch.testing.assert_close(finetune.pos_embed, model.encoder.pos_embed)
+    assert finetune(images).shape == (2, 10)
+
+
+def test_linear_probe_separates_digits(digits, tmp_path):
+    torch.manual_seed(0)
+    encoder = timm.create_model("vig_tiny", num_classes=0, img_size=32)
+    folder = export_timm(encoder.state_dict(), "vig_tiny", tmp_path / "encoder", img_size=32)
+    result = linear_probe.main(["--encoder", str(folder), "--train-shards", str(digits / "train"),
+                                "--val-shards", str(digits / "val"), "--epochs", "20", "--warmup-epochs", "2",
+                                "--batch-size", "64", "--num-workers", "0", "--output", str(tmp_path / "probe.json")])
+    assert result["val_samples"] == 96 and result["train_samples"] == 192
+    assert result["top1"] > 40.0  # ten classes: chance is 10 %
+    assert result["top5"] >= result["top1"]
+    assert json.loads((tmp_path / "probe.json").read_text())["top1"] == result["top1"]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run(digits, tmp_path):
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(ROOT / "pretrain" / "mae.py"), str(DEMO_RECIPE),
+               *tiny_overrides(digits, run, **{"train.max_steps": 3, "optim.batch_size": 8})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout + result.stderr
+    assert (run / "checkpoints" / "step_00000003").is_dir()
+    assert vig.load_official_state_dict(timm.create_model("vig_tiny", num_classes=0, img_size=32),
+                                        final_encoder(run)) == {"dropped": []}
