@@ -22,6 +22,7 @@ def causal_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     prefix sum of ``g``. Layout ``[B, H, T, D]``; returns ``[B, H, T, V]``."""
     batch, heads, length, key_dim = q.shape
     value_dim = v.shape[-1]
+    chunk = min(chunk, length)
     pad = (-length) % chunk
     if pad:
         # Zero keys add nothing and zero log-gates decay nothing, so padding is exact.
