@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrainSection:
     max_nonfinite: int = 10
     """Stop with an error after this many consecutive steps with a NaN/Inf loss."""
     grad_checkpointing: bool = False
-    wandb: bool | str = "auto"
+    wandb: bool | Literal["auto"] = "auto"
     """Also log to Weights & Biases: True, False, or ``auto`` (when installed and configured)."""
 
 

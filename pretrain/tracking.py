@@ -36,6 +36,8 @@ def wandb_wanted(use_wandb: bool | Literal["auto"]) -> bool:
     (e.g. ``offline``), so an unconfigured machine never stops at a login prompt. ``True`` without the package
     is an error rather than a silently missing log.
     """
+    if isinstance(use_wandb, str) and use_wandb != "auto":
+        raise ValueError(f"use_wandb must be true, false or 'auto', got {use_wandb!r}")
     if use_wandb == "auto":
         return bool(is_wandb_available()) and any(name in os.environ for name in ("WANDB_API_KEY", "WANDB_MODE"))
     if use_wandb and not is_wandb_available():

@@ -280,10 +280,11 @@ def test_resume_errors(tmp_path):
     assert run.manager.resume(None) is None and run.manager.resume("none") is None
     with pytest.raises(CheckpointError, match=r"checkpoint .*step_00000009 does not exist"):
         run.manager.resume(tmp_path / "checkpoints" / "step_00000009")
+    saved = run.manager.save(1)
     AcceleratorState._reset_state(reset_partial_state=True)
     unprepared = Accelerator(cpu=True)
     with pytest.raises(CheckpointError, match="after accelerator.prepare"):
-        CheckpointManager(unprepared, tmp_path / "checkpoints").resume(run.manager.save(1))
+        CheckpointManager(unprepared, tmp_path / "checkpoints").resume(saved)
     naming = Accelerator(cpu=True, project_config=ProjectConfiguration(project_dir=str(tmp_path),
                                                                        automatic_checkpoint_naming=True))
     with pytest.raises(ValueError, match="automatic_checkpoint_naming=False"):
@@ -346,7 +347,8 @@ class MaskedAutoencoder(torch.nn.Module):
 def test_param_groups_prefix_submodule_names_and_skip_frozen():
     model = MaskedAutoencoder()
     no_decay, decay = split_by_decay(model)
-    assert {"encoder.pos_embed", "encoder.layers.0.mixer.A_log", "mask_token", "logit_scale", "decoder.bias"} <= no_decay
+    assert {"encoder.pos_embed", "encoder.layers.0.mixer.A_log", "mask_token", "logit_scale",
+            "decoder.bias"} <= no_decay
     assert "decoder.weight" in decay and "encoder.layers.0.mixer.in_proj.weight" in decay
     assert "decoder_pos_embed" not in no_decay | decay
 
@@ -459,6 +461,8 @@ def test_wandb_selection(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert wandb_wanted("auto") is False and wandb_wanted(False) is False
     assert accelerator_kwargs("run", use_wandb=False)["log_with"] == ["tensorboard"]
+    with pytest.raises(ValueError, match="true, false or 'auto', got 'yes please'"):
+        wandb_wanted("yes please")
     if not is_wandb_available():
         with pytest.raises(RuntimeError, match="wandb is not installed"):
             wandb_wanted(True)
