@@ -36,27 +36,55 @@ def _check_inputs(q, k, v, g_fwd, g_bwd) -> None:
         raise ValueError(f"bigla: v has shape {tuple(v.shape)}; its [B, T, H] must equal q's {tuple(q.shape[:3])}")
 
 
-def _triton_bigla():
-    """The fused kernel, or None where it is not available (no Triton, or not built yet)."""
+_FUSED_IMPORT_ERROR: str | None = None
+
+
+def _triton_module():
+    """The fused-kernel module, or None where it cannot be imported (no Triton, say)."""
+    global _FUSED_IMPORT_ERROR
     try:
-        from .fused import bigla_triton
-    except ImportError:
+        from . import fused
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        _FUSED_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
         return None
-    return bigla_triton
+    return fused
+
+
+def _triton_bigla():
+    """The fused kernel, or None where it is not available."""
+    module = _triton_module()
+    return None if module is None else module.bigla_triton
+
+
+def triton_unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:
+    """Why the fused kernel would not run these inputs (None if it would)."""
+    module = _triton_module()
+    if module is None:
+        return f"the Triton kernel could not be imported ({_FUSED_IMPORT_ERROR})"
+    return module.unsupported_reason(q, k, v, g_fwd, g_bwd)
 
 
 def bigla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
           scale: float | None = None) -> torch.Tensor:
-    """Bidirectional GLA with ViG's semantics; returns ``o`` ``[B, T, H, V]`` in ``v``'s dtype."""
+    """Bidirectional GLA with ViG's semantics; returns ``o`` ``[B, T, H, V]`` in ``v``'s dtype.
+
+    Backend ``auto`` runs the fused Triton kernel on CUDA inputs it supports (head dims 16/32/64/128,
+    q/k/v in one of float32/bfloat16/float16) and the reference otherwise; ``triton`` raises a
+    ``RuntimeError`` naming the problem instead of falling back; ``reference`` always runs the reference.
+    The fused kernel clamps the gates to ``[GATE_MIN, 0]`` (see ``docs/kernels.md``).
+    """
     _check_inputs(q, k, v, g_fwd, g_bwd)
     backend = get_backend()
-    if backend != "reference":
-        fused = _triton_bigla()
-        if fused is not None and (q.is_cuda or backend == "triton"):
-            return fused(q, k, v, g_fwd, g_bwd, scale)
-        if backend == "triton":
-            raise RuntimeError("bigla: the 'triton' backend was requested but the Triton kernel is not available")
+    if backend == "reference":
+        return bigla_reference(q, k, v, g_fwd, g_bwd, scale)
+    if backend == "auto" and not q.is_cuda:
+        return bigla_reference(q, k, v, g_fwd, g_bwd, scale)
+    reason = triton_unsupported_reason(q, k, v, g_fwd, g_bwd)
+    if reason is None:
+        return _triton_bigla()(q, k, v, g_fwd, g_bwd, scale)
+    if backend == "triton":
+        raise RuntimeError(f"bigla: the 'triton' backend cannot run these inputs: {reason}")
     return bigla_reference(q, k, v, g_fwd, g_bwd, scale)
 
 
-__all__ = ["bigla", "bigla_reference"]
+__all__ = ["bigla", "bigla_reference", "triton_unsupported_reason"]

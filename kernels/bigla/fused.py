@@ -1,0 +1,738 @@
+"""Fused bidirectional GLA (ViG's token mixer) in Triton: forward and backward, both directions per launch.
+
+Semantics are those of :func:`kernels.bigla.reference.bigla_reference` (``o = (o_fwd + o_bwd) / 2``, the
+diagonal in both directions), with one documented difference: the log-space gates are clamped to
+``[GATE_MIN, 0]`` (``GATE_MIN = -8`` nats per token) inside the kernels, and their gradient is zero outside
+that range. See ``docs/kernels.md`` for the algorithm, the numerics and why the clamp is needed.
+
+Algorithm (per batch element, head and block of value channels):
+
+* The sequence is cut into chunks of ``BT`` tokens (16 by default; 32 and 64 supported). Inside a chunk the
+  pairwise decays ``exp(F_t - F_s)`` are factorised per 16-row block with the reference at the block's row 7
+  (for a single block: half the chunk's gate total), so every rescaled operand carries at most ``8 * |g|``
+  nats; across 16-row blocks a factor ``exp(F_ref_i - F_ref_j) <= 1``, applied in two steps, moves the key
+  side to the query block's reference. Between chunks two fp32 states carry the
+  forward prefix and the backward suffix; every state exponent is ``<= 0``.
+* A program owns a *segment* of consecutive chunks. Pass 1 walks the segment backwards and stashes the
+  state(s) that flow from the right (the backward-direction state, and in the backward kernel also the
+  gradient of the forward state) in a small workspace; pass 2 walks forwards, carries the left-flowing
+  states in registers and produces every output of the chunk. Short sequences (and any shape with enough
+  (batch, head) pairs to fill the GPU) use one segment per sequence: one launch forward, one backward.
+  Long sequences with few (batch, head) pairs split into segments; a summary kernel computes each
+  segment's local states first, and each segment folds in the summaries of the others (one extra launch
+  each way).
+* Backward recomputes everything from q, k, v and the gates (plus the tiny segment summaries); the gate
+  gradients come from ``q*dq - k*dk`` per direction with one within-chunk cumulative sum and a boundary term
+  ``rowsum(S * dS)`` per chunk, so no sequence-long cumulative sum runs across programs.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+GATE_MIN = -8.0
+"""Lower clamp of the log-space gates (nats per token) applied inside the fused kernels."""
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tunables (swept on an H200, see docs/kernels.md).
+CHUNK = 16
+FWD_WARPS = 4
+BWD_WARPS = 4
+VALUE_BLOCK = None  # value channels per program (None: min(V, 4096 // K))
+NUM_STAGES = None  # software-pipelining depth of the chunk loops (None: Triton's default)
+PROGRAMS_PER_SM = 2
+MAX_SEGMENTS = 32
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_GMIN = tl.constexpr(GATE_MIN)
+
+
+LAST_LAUNCH: dict = {}
+"""The most recent compiled kernel of each kind (``fwd``, ``bwd``, ``summary``): registers, spills, for tuning."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small jit helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _expand(x, NB: tl.constexpr, D: tl.constexpr):
+    """[NB, D] -> [NB * 16, D]: row i of x repeated for the 16 rows of block i."""
+    if NB == 1:
+        return tl.broadcast_to(x, (16, D))
+    else:
+        return tl.reshape(tl.broadcast_to(x[:, None, :], (NB, 16, D)), (NB * 16, D))
+
+
+@triton.jit
+def _block_rows(x, ROW: tl.constexpr, NB: tl.constexpr, D: tl.constexpr):
+    """Row ROW of each 16-row block of x [NB * 16, D] -> [NB, D]."""
+    x3 = tl.reshape(x, (NB, 16, D))
+    sel = tl.arange(0, 16) == ROW
+    return tl.sum(tl.where(sel[None, :, None], x3, 0.0), axis=1)
+
+
+@triton.jit
+def _row(x, i: tl.constexpr, NB: tl.constexpr):
+    """Row i of x [NB, D] -> [D]."""
+    if NB == 1:
+        return tl.sum(x, axis=0)
+    else:
+        return tl.sum(tl.where(tl.arange(0, NB)[:, None] == i, x, 0.0), axis=0)
+
+
+@triton.jit
+def _load_rows(base, rows, rmask, stride_t, D: tl.constexpr):
+    cols = tl.arange(0, D)
+    ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
+    return tl.load(ptrs, mask=rmask[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_gate(base, rows, rmask, stride_t, D: tl.constexpr):
+    """Gate tile clamped to [GATE_MIN, 0] and converted to log2 units (padding rows are 0)."""
+    g = _load_rows(base, rows, rmask, stride_t, D)
+    return tl.minimum(tl.maximum(g, _GMIN), 0.0) * _LOG2E
+
+
+@triton.jit
+def _store_rows(base, rows, rmask, stride_t, x, D: tl.constexpr):
+    cols = tl.arange(0, D)
+    ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _chunk_sums(gf2, gb2, NB: tl.constexpr, K: tl.constexpr):
+    """Chunk-local sums of both directions (log2 units) and their values at the block rows.
+
+    F: inclusive prefix sum of the forward gate, R: inclusive suffix sum of the backward gate; Gf, Gb: chunk
+    totals; fm, rm: F, R at the reference row (row 7) of each 16-row block, [NB, K]; Fref, Rref: the
+    reference of each row's own block, [BT, K].
+    """
+    F = tl.cumsum(gf2, axis=0)
+    R = tl.cumsum(gb2, axis=0, reverse=True)
+    Gf = tl.sum(gf2, axis=0)
+    Gb = tl.sum(gb2, axis=0)
+    if NB == 1:
+        # one 16-row block: reference at half the chunk total, F, R in [G, 0] so |exponent| <= 8 |g|max,
+        # the same bound as row 7 without extracting a row
+        fm = (0.5 * Gf)[None, :]
+        rm = (0.5 * Gb)[None, :]
+    else:
+        fm = _block_rows(F, 7, NB, K)
+        rm = _block_rows(R, 7, NB, K)
+    return F, R, Gf, Gb, fm, rm, _expand(fm, NB, K), _expand(rm, NB, K)
+
+
+# The factors below turn an operand rescaled to its own block's reference row into one rescaled to the
+# reference row of another block. The factor is applied in two steps through the block boundary in
+# between: the first step lands on a value whose true size is <= 1 (an underflow to 0 there is harmless:
+# the pair's weight is then below e^-31), the second step is >= e^(-8 |g|max) and cannot underflow.
+# Multiplying the two steps first would underflow at strong decays (e^-128 over 16 tokens at g = -8).
+
+
+@triton.jit
+def _key_factor_f(kf, F, fm, i: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
+    """kf = k*exp(Fm_own - F) -> k*exp(Fm_i - F) for key blocks j <= i, 0 for j > i (forward)."""
+    if i == 0:
+        return tl.where((tl.arange(0, NB * 16) < 16)[:, None], kf, 0.0)
+    else:
+        nb = tl.arange(0, NB)[:, None]
+        fs = _row(_block_rows(F, 0, NB, K), i, NB)  # F at the first row of block i
+        fmi = _row(fm, i, NB)
+        a = tl.where(nb < i, tl.exp2(fs[None, :] - fm), tl.where(nb == i, 1.0, 0.0))
+        b = tl.where(nb < i, tl.exp2(fmi - fs)[None, :], 1.0)
+        return (kf * _expand(a, NB, K)) * _expand(b, NB, K)
+
+
+@triton.jit
+def _key_factor_b(kb, R, rm, i: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
+    """kb = k*exp(Rm_own - R) -> k*exp(Rm_i - R) for key blocks j >= i, 0 for j < i (backward)."""
+    if i == NB - 1:
+        return tl.where((tl.arange(0, NB * 16) >= 16 * i)[:, None], kb, 0.0)
+    else:
+        nb = tl.arange(0, NB)[:, None]
+        rl = _row(_block_rows(R, 15, NB, K), i, NB)  # R at the last row of block i
+        rmi = _row(rm, i, NB)
+        a = tl.where(nb > i, tl.exp2(rl[None, :] - rm), tl.where(nb == i, 1.0, 0.0))
+        b = tl.where(nb > i, tl.exp2(rmi - rl)[None, :], 1.0)
+        return (kb * _expand(a, NB, K)) * _expand(b, NB, K)
+
+
+@triton.jit
+def _query_factor_f(qf, F, fm, j: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
+    """qf = q*exp(F - Fm_own) -> q*exp(F - Fm_j) for query blocks i >= j, 0 for i < j (forward)."""
+    if j == NB - 1:
+        return tl.where((tl.arange(0, NB * 16) >= 16 * j)[:, None], qf, 0.0)
+    else:
+        nb = tl.arange(0, NB)[:, None]
+        fl = _row(_block_rows(F, 15, NB, K), j, NB)  # F at the last row of block j
+        fmj = _row(fm, j, NB)
+        a = tl.where(nb > j, tl.exp2(fm - fl[None, :]), tl.where(nb == j, 1.0, 0.0))
+        b = tl.where(nb > j, tl.exp2(fl - fmj)[None, :], 1.0)
+        return (qf * _expand(a, NB, K)) * _expand(b, NB, K)
+
+
+@triton.jit
+def _query_factor_b(qb, R, rm, j: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
+    """qb = q*exp(R - Rm_own) -> q*exp(R - Rm_j) for query blocks i <= j, 0 for i > j (backward)."""
+    if j == 0:
+        return tl.where((tl.arange(0, NB * 16) < 16)[:, None], qb, 0.0)
+    else:
+        nb = tl.arange(0, NB)[:, None]
+        rs = _row(_block_rows(R, 0, NB, K), j, NB)  # R at the first row of block j
+        rmj = _row(rm, j, NB)
+        a = tl.where(nb < j, tl.exp2(rm - rs[None, :]), tl.where(nb == j, 1.0, 0.0))
+        b = tl.where(nb < j, tl.exp2(rs - rmj)[None, :], 1.0)
+        return (qb * _expand(a, NB, K)) * _expand(b, NB, K)
+
+
+@triton.jit
+def _scan_in(acc, WS, GT, i_bh, i_s, j, NS: tl.constexpr, K: tl.constexpr, DV: tl.constexpr,
+             BV: tl.constexpr, i_v, take):
+    """acc <- exp2(GT[j]) * acc + WS[j] where `take`, else acc (masked loads, no memory traffic)."""
+    base = (i_bh * NS + j).to(tl.int64)
+    rk = tl.arange(0, K)
+    g = tl.load(GT + base * K + rk, mask=(rk < K) & take, other=0.0)
+    h = tl.load(WS + base * (K * DV) + rk[:, None] * DV + i_v * BV + tl.arange(0, BV)[None, :],
+                mask=(rk[:, None] < K) & take, other=0.0)
+    return acc * tl.exp2(g)[:, None] + h
+
+
+# ----------------------------------------------------------------------------------------------------------
+# segment summaries (long sequences only)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _summary_kernel(X, Y, G1, G2, OUT1, OUT2, GT1, GT2,
+                    sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, s1_b, s1_t, s1_h, s2_b, s2_t, s2_h,
+                    T, H, xscale,
+                    K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                    NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                    INCL: tl.constexpr, STORE_GT: tl.constexpr):
+    """Per segment: OUT1 = sum_s (x_s * exp(sum of g1 from s to the segment end))^T y_s and
+    OUT2 = sum_s (x_s * exp(sum of g2 from the segment start to s))^T y_s, with s itself excluded from the
+    gate sums (INCL=False: key states h^f, h^b of the forward pass) or included (INCL=True: query-side state
+    gradients of the backward pass). GT1/GT2 receive the segment's gate totals (log2 units)."""
+    i_bh = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_v = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    x_base = X + i_b.to(tl.int64) * sx_b + i_h * sx_h
+    y_base = Y + i_b.to(tl.int64) * sy_b + i_h * sy_h + i_v * BV
+    g1_base = G1 + i_b.to(tl.int64) * s1_b + i_h * s1_h
+    g2_base = G2 + i_b.to(tl.int64) * s2_b + i_h * s2_h
+
+    acc1 = tl.zeros([K, BV], dtype=tl.float32)
+    acc2 = tl.zeros([K, BV], dtype=tl.float32)
+    gsum1 = tl.zeros([K], dtype=tl.float32)
+    gsum2 = tl.zeros([K], dtype=tl.float32)
+    for cc in range(0, CPS):
+        rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
+        rmask = rows < T
+        x = _load_rows(x_base, rows, rmask, sx_t, K) * xscale
+        y = _load_rows(y_base, rows, rmask, sy_t, BV).to(DOT)
+        g1 = _load_gate(g1_base, rows, rmask, s1_t, K)
+        g2 = _load_gate(g2_base, rows, rmask, s2_t, K)
+        tot1 = tl.sum(g1, axis=0)
+        tot2 = tl.sum(g2, axis=0)
+        e1 = tl.cumsum(g1, axis=0, reverse=True)
+        e2 = tl.cumsum(g2, axis=0)
+        if not INCL:
+            e1 = e1 - g1
+            e2 = e2 - g2
+        x1 = (x * tl.exp2(e1)).to(DOT)
+        acc1 = acc1 * tl.exp2(tot1)[:, None] + tl.dot(tl.trans(x1), y, input_precision=PREC)
+        x2 = (x * tl.exp2(gsum2[None, :] + e2)).to(DOT)
+        acc2 += tl.dot(tl.trans(x2), y, input_precision=PREC)
+        gsum1 += tot1
+        gsum2 += tot2
+
+    base = (i_bh * NS + i_s).to(tl.int64)
+    rk = tl.arange(0, K)
+    offs = rk[:, None] * DV + i_v * BV + tl.arange(0, BV)[None, :]
+    tl.store(OUT1 + base * (K * DV) + offs, acc1)
+    tl.store(OUT2 + base * (K * DV) + offs, acc2)
+    if STORE_GT:
+        tl.store(GT1 + base * K + rk, gsum1, mask=(rk < K) & (i_v == 0))
+        tl.store(GT2 + base * K + rk, gsum2, mask=(rk < K) & (i_v == 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, HF, HB, GTF, GTB,
+                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+                sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, so_b, so_t, so_h,
+                T, H, qscale,
+                K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    NB: tl.constexpr = BT // 16
+    i_bh = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_v = tl.program_id(2)
+    BH = tl.num_programs(0)
+    NV = tl.num_programs(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    q_base = Q + i_b.to(tl.int64) * sq_b + i_h * sq_h
+    k_base = Kp + i_b.to(tl.int64) * sk_b + i_h * sk_h
+    v_base = V + i_b.to(tl.int64) * sv_b + i_h * sv_h + i_v * BV
+    gf_base = GF + i_b.to(tl.int64) * sf_b + i_h * sf_h
+    gb_base = GB + i_b.to(tl.int64) * sg_b + i_h * sg_h
+    o_base = O + i_b.to(tl.int64) * so_b + i_h * so_h + i_v * BV
+    st_base = STASH + (((i_s * BH + i_bh) * NV + i_v) * CPS).to(tl.int64) * (K * BV)
+    st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
+
+    # states entering the segment: forward prefix from the left, backward suffix from the right
+    s_f = tl.zeros([K, BV], dtype=tl.float32)
+    s_b = tl.zeros([K, BV], dtype=tl.float32)
+    if NS > 1:
+        for j in range(0, NS):
+            s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+            jr = NS - 1 - j
+            s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+
+    # pass 1, right to left: stash the backward state entering each chunk from its right
+    tl.store(st_base + (CPS - 1) * (K * BV) + st_off, s_b.to(DOT))
+    for jj in range(0, CPS - 1):
+        cc = CPS - 1 - jj
+        rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
+        rmask = rows < T
+        k = _load_rows(k_base, rows, rmask, sk_t, K)
+        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+        gb2 = _load_gate(gb_base, rows, rmask, sg_t, K)
+        R = tl.cumsum(gb2, axis=0, reverse=True)
+        Gb = tl.sum(gb2, axis=0)
+        kd = (k * tl.exp2(Gb[None, :] - R)).to(DOT)
+        s_b = s_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+        tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
+    tl.debug_barrier()
+
+    # pass 2, left to right: everything else
+    r_loc = tl.arange(0, BT)
+    rblk = r_loc // 16
+    lower = r_loc[None, :] <= r_loc[:, None]
+    upper = r_loc[None, :] >= r_loc[:, None]
+    for cc in range(0, CPS):
+        rows = (i_s * CPS + cc) * BT + r_loc
+        rmask = rows < T
+        q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
+        k = _load_rows(k_base, rows, rmask, sk_t, K)
+        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+        gf2 = _load_gate(gf_base, rows, rmask, sf_t, K)
+        gb2 = _load_gate(gb_base, rows, rmask, sg_t, K)
+        F, R, Gf, Gb, fr, rr, Fref, Rref = _chunk_sums(gf2, gb2, NB, K)
+        qf = q * tl.exp2(F - Fref)
+        kf = k * tl.exp2(Fref - F)
+        qb = q * tl.exp2(R - Rref)
+        kb = k * tl.exp2(Rref - R)
+        qf_d = qf.to(DOT)
+        qb_d = qb.to(DOT)
+
+        w = tl.zeros([BT, BT], dtype=tl.float32)
+        for i in tl.static_range(NB):
+            in_blk = (rblk == i)[:, None]
+            kfi = _key_factor_f(kf, F, fr, i, NB, K).to(DOT)
+            a = tl.dot(qf_d, tl.trans(kfi), input_precision=PREC)
+            w += tl.where(in_blk & lower, a, 0.0)
+            kbi = _key_factor_b(kb, R, rr, i, NB, K).to(DOT)
+            a = tl.dot(qb_d, tl.trans(kbi), input_precision=PREC)
+            w += tl.where(in_blk & upper, a, 0.0)
+
+        acc = tl.dot(w.to(DOT), v, input_precision=PREC)
+        acc += tl.dot((qf * _expand(tl.exp2(fr), NB, K)).to(DOT), s_f.to(DOT), input_precision=PREC)
+        s_bn = tl.load(st_base + cc * (K * BV) + st_off)
+        acc += tl.dot((qb * _expand(tl.exp2(rr), NB, K)).to(DOT), s_bn, input_precision=PREC)
+        _store_rows(o_base, rows, rmask, so_t, acc, BV)
+
+        kd = (kf * _expand(tl.exp2(Gf[None, :] - fr), NB, K)).to(DOT)
+        s_f = s_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF, DSB, GTF, GTB,
+                sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+                sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, sd_b, sd_t, sd_h,
+                sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+                sdf_b, sdf_t, sdf_h, sdg_b, sdg_t, sdg_h, part_stride,
+                T, H, qscale,
+                K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+                NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    NB: tl.constexpr = BT // 16
+    i_bh = tl.program_id(0)
+    i_s = tl.program_id(1)
+    i_v = tl.program_id(2)
+    BH = tl.num_programs(0)
+    NV = tl.num_programs(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    q_base = Q + i_b.to(tl.int64) * sq_b + i_h * sq_h
+    k_base = Kp + i_b.to(tl.int64) * sk_b + i_h * sk_h
+    v_base = V + i_b.to(tl.int64) * sv_b + i_h * sv_h + i_v * BV
+    gf_base = GF + i_b.to(tl.int64) * sf_b + i_h * sf_h
+    gb_base = GB + i_b.to(tl.int64) * sg_b + i_h * sg_h
+    do_base = DO + i_b.to(tl.int64) * sd_b + i_h * sd_h + i_v * BV
+    part = i_v.to(tl.int64) * part_stride  # dq, dk, dg are per-value-block partials when NV > 1
+    dq_base = DQ + part + i_b.to(tl.int64) * sdq_b + i_h * sdq_h
+    dk_base = DK + part + i_b.to(tl.int64) * sdk_b + i_h * sdk_h
+    dv_base = DVp + i_b.to(tl.int64) * sdv_b + i_h * sdv_h + i_v * BV
+    dgf_base = DGF + part + i_b.to(tl.int64) * sdf_b + i_h * sdf_h
+    dgb_base = DGB + part + i_b.to(tl.int64) * sdg_b + i_h * sdg_h
+    st_base = STASH + (((i_s * BH + i_bh) * NV + i_v) * CPS * 2).to(tl.int64) * (K * BV)
+    st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
+
+    # s_f: keys left of the segment; s_b: keys right of it; ds_f: queries right; ds_b: queries left
+    s_f = tl.zeros([K, BV], dtype=tl.float32)
+    s_b = tl.zeros([K, BV], dtype=tl.float32)
+    ds_f = tl.zeros([K, BV], dtype=tl.float32)
+    ds_b = tl.zeros([K, BV], dtype=tl.float32)
+    if NS > 1:
+        for j in range(0, NS):
+            s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+            ds_b = _scan_in(ds_b, DSB, GTB, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+            jr = NS - 1 - j
+            s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+            ds_f = _scan_in(ds_f, DSF, GTF, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+
+    # pass 1, right to left: stash (backward key state from the right, forward query-gradient state from
+    # the right) for every chunk
+    tl.store(st_base + ((CPS - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
+    tl.store(st_base + ((CPS - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
+    for jj in range(0, CPS - 1):
+        cc = CPS - 1 - jj
+        rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
+        rmask = rows < T
+        q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
+        k = _load_rows(k_base, rows, rmask, sk_t, K)
+        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+        do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
+        gf2 = _load_gate(gf_base, rows, rmask, sf_t, K)
+        gb2 = _load_gate(gb_base, rows, rmask, sg_t, K)
+        F = tl.cumsum(gf2, axis=0)
+        Gf = tl.sum(gf2, axis=0)
+        R = tl.cumsum(gb2, axis=0, reverse=True)
+        Gb = tl.sum(gb2, axis=0)
+        kd = (k * tl.exp2(Gb[None, :] - R)).to(DOT)
+        s_b = s_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+        qd = (q * tl.exp2(F)).to(DOT)
+        ds_f = ds_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(qd), do, input_precision=PREC)
+        tl.store(st_base + ((cc - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
+        tl.store(st_base + ((cc - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
+    tl.debug_barrier()
+
+    r_loc = tl.arange(0, BT)
+    rblk = r_loc // 16
+    lower = r_loc[None, :] <= r_loc[:, None]
+    upper = r_loc[None, :] >= r_loc[:, None]
+    for cc in range(0, CPS):
+        rows = (i_s * CPS + cc) * BT + r_loc
+        rmask = rows < T
+        q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
+        k = _load_rows(k_base, rows, rmask, sk_t, K)
+        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+        do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
+        gf_raw = _load_rows(gf_base, rows, rmask, sf_t, K)
+        gb_raw = _load_rows(gb_base, rows, rmask, sg_t, K)
+        gf2 = tl.minimum(tl.maximum(gf_raw, _GMIN), 0.0) * _LOG2E
+        gb2 = tl.minimum(tl.maximum(gb_raw, _GMIN), 0.0) * _LOG2E
+        F, R, Gf, Gb, fr, rr, Fref, Rref = _chunk_sums(gf2, gb2, NB, K)
+        eqf = tl.exp2(F - Fref)
+        ekf = tl.exp2(Fref - F)
+        eqb = tl.exp2(R - Rref)
+        ekb = tl.exp2(Rref - R)
+        qf = q * eqf
+        kf = k * ekf
+        qb = q * eqb
+        kb = k * ekb
+        qf_d = qf.to(DOT)
+        qb_d = qb.to(DOT)
+
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dp[t, s] = do_t . v_s
+        # The diagonal (weight 2 q~_t.k_t, q~ = q * scale / 2) cancels exactly in q*dq - k*dk: keep it out of
+        # the per-direction parts and add it to dq, dk at the end (with 16-bit operands its rounding
+        # noise would otherwise dominate the gate gradients).
+        dp_diag = 2.0 * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
+        strict_lower = r_loc[None, :] < r_loc[:, None]
+        strict_upper = r_loc[None, :] > r_loc[:, None]
+        w = tl.zeros([BT, BT], dtype=tl.float32)
+        dqf = tl.zeros([BT, K], dtype=tl.float32)
+        dkf = tl.zeros([BT, K], dtype=tl.float32)
+        dqb = tl.zeros([BT, K], dtype=tl.float32)
+        dkb = tl.zeros([BT, K], dtype=tl.float32)
+        for i in tl.static_range(NB):
+            row_i = (rblk == i)[:, None]
+            col_i = (rblk == i)[None, :]
+            # forward direction: query rows of block i against keys with the block-i reference
+            kfi = _key_factor_f(kf, F, fr, i, NB, K).to(DOT)
+            a = tl.dot(qf_d, tl.trans(kfi), input_precision=PREC)
+            w += tl.where(row_i & lower, a, 0.0)
+            da = tl.where(row_i & strict_lower, dp, 0.0).to(DOT)
+            dqf += tl.dot(da, kfi, input_precision=PREC)
+            # key rows of block i against queries with the block-i reference
+            qfi = _query_factor_f(qf, F, fr, i, NB, K).to(DOT)
+            da = tl.where(col_i & strict_lower, dp, 0.0).to(DOT)
+            dkf += tl.dot(tl.trans(da), qfi, input_precision=PREC)
+            # backward direction, mirrored
+            kbi = _key_factor_b(kb, R, rr, i, NB, K).to(DOT)
+            a = tl.dot(qb_d, tl.trans(kbi), input_precision=PREC)
+            w += tl.where(row_i & upper, a, 0.0)
+            da = tl.where(row_i & strict_upper, dp, 0.0).to(DOT)
+            dqb += tl.dot(da, kbi, input_precision=PREC)
+            qbi = _query_factor_b(qb, R, rr, i, NB, K).to(DOT)
+            da = tl.where(col_i & strict_upper, dp, 0.0).to(DOT)
+            dkb += tl.dot(tl.trans(da), qbi, input_precision=PREC)
+
+        dv = tl.dot(tl.trans(w.to(DOT)), do, input_precision=PREC)
+
+        s_bn = tl.load(st_base + (cc * 2) * (K * BV) + st_off)        # keys right of the chunk
+        ds_fc = tl.load(st_base + (cc * 2 + 1) * (K * BV) + st_off)   # queries right of the chunk
+        ef = _expand(tl.exp2(fr), NB, K)
+        er = _expand(tl.exp2(rr), NB, K)
+        ekdf = ekf * _expand(tl.exp2(Gf[None, :] - fr), NB, K)  # exp(Gf - F) <= 1
+        ekdb = ekb * _expand(tl.exp2(Gb[None, :] - rr), NB, K)  # exp(Gb - R) <= 1
+        kfd = k * ekdf
+        kbd = k * ekdb
+        dqf = (dqf + tl.dot(do, tl.trans(s_f.to(DOT)), input_precision=PREC) * ef) * eqf
+        dqb = (dqb + tl.dot(do, tl.trans(s_bn), input_precision=PREC) * er) * eqb
+        dkf = dkf * ekf + tl.dot(v, tl.trans(ds_fc), input_precision=PREC) * ekdf
+        dkb = dkb * ekb + tl.dot(v, tl.trans(ds_b.to(DOT)), input_precision=PREC) * ekdb
+        dv += tl.dot(kfd.to(DOT), ds_fc, input_precision=PREC)
+        dv += tl.dot(kbd.to(DOT), ds_b.to(DOT), input_precision=PREC)
+
+        _store_rows(dq_base, rows, rmask, sdq_t, (dqf + dqb + dp_diag[:, None] * k) * qscale, K)
+        _store_rows(dk_base, rows, rmask, sdk_t, dkf + dkb + dp_diag[:, None] * q, K)
+        _store_rows(dv_base, rows, rmask, sdv_t, dv, BV)
+
+        # state updates (after them: s_f holds keys up to the chunk end, ds_b queries up to the chunk end)
+        s_f = s_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(kfd.to(DOT)), v, input_precision=PREC)
+        ds_b = ds_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans((qb * er).to(DOT)), do, input_precision=PREC)
+
+        # gate gradients: dg^f_r = sum_{t >= r} (q dq^f - k dk^f)_t, dg^b_r = sum_{t <= r} (q dq^b - k dk^b)_t,
+        # split at the chunk end into a within-chunk sum and a boundary term rowsum(S * dS)
+        d_f = q * dqf - k * dkf
+        d_b = q * dqb - k * dkb
+        bf = tl.sum(s_f * ds_fc.to(tl.float32), axis=1)
+        bb = tl.sum(s_bn.to(tl.float32) * ds_b, axis=1)
+        dgf = bf[None, :] + tl.cumsum(d_f, axis=0, reverse=True)
+        dgb = bb[None, :] - (tl.cumsum(d_b, axis=0, reverse=True) - d_b)
+        dgf = tl.where((gf_raw >= _GMIN) & (gf_raw <= 0.0), dgf, 0.0)
+        dgb = tl.where((gb_raw >= _GMIN) & (gb_raw <= 0.0), dgb, 0.0)
+        _store_rows(dgf_base, rows, rmask, sdf_t, dgf, K)
+        _store_rows(dgb_base, rows, rmask, sdg_t, dgb, K)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------------------------
+
+
+def unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:
+    """Why the fused kernel cannot run these (already shape-checked) inputs, or None if it can."""
+    problems = []
+    if not (q.is_cuda or _interpreting()):
+        problems.append(f"inputs are on {q.device}; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        problems.append(f"dtype {q.dtype} is not supported (q, k, v must be float32, bfloat16 or float16)")
+    elif k.dtype != q.dtype or v.dtype != q.dtype:
+        problems.append(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, g in (("g_fwd", g_fwd), ("g_bwd", g_bwd)):
+        if g.dtype not in SUPPORTED_GATE_DTYPES:
+            problems.append(f"{name} has dtype {g.dtype}; gates must be float32, bfloat16 or float16")
+    key_dim, value_dim = q.shape[-1], v.shape[-1]
+    if key_dim not in SUPPORTED_HEAD_DIMS:
+        problems.append(f"key head dim {key_dim} is not one of {SUPPORTED_HEAD_DIMS}")
+    if value_dim not in SUPPORTED_HEAD_DIMS:
+        problems.append(f"value head dim {value_dim} is not one of {SUPPORTED_HEAD_DIMS}")
+    return "; ".join(problems) if problems else None
+
+
+def _launch(name, kernel, grid, *args, **kwargs):
+    """Launch, retrying without software pipelining if the kernel does not fit in shared memory."""
+    if NUM_STAGES:
+        kwargs.setdefault("num_stages", NUM_STAGES)
+    try:
+        LAST_LAUNCH[name] = kernel[grid](*args, **kwargs)
+    except triton.runtime.errors.OutOfResources:
+        kwargs["num_stages"] = 1
+        LAST_LAUNCH[name] = kernel[grid](*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: torch.device,
+          chunk: int | None = None, segments: int | None = None):
+    """Chunk size, value-block width and the split of each sequence into segments."""
+    bt = chunk or CHUNK
+    bv = min(value_dim, VALUE_BLOCK or max(16, 4096 // key_dim))
+    nv = value_dim // bv
+    n_chunks = triton.cdiv(length, bt)
+    if segments is None:
+        programs = batch_heads * nv
+        target = PROGRAMS_PER_SM * _sm_count(device)
+        segments = 1 if programs >= target else min(triton.cdiv(target, programs), MAX_SEGMENTS)
+        segments = max(1, min(segments, n_chunks // 2))
+    cps = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
+    ns = triton.cdiv(n_chunks, cps)
+    return bt, bv, nv, ns, cps
+
+
+def _dot_types(dtype: torch.dtype):
+    if dtype == torch.float32:
+        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return tl.float32, prec, torch.float32
+    return tl.bfloat16, "tf32", torch.bfloat16
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _summaries(x, y, g1, g2, xscale, plan, incl, dot, prec, stash_needed_gt):
+    bt, bv, nv, ns, cps = plan
+    batch, length, heads, key_dim = x.shape
+    value_dim = y.shape[-1]
+    bh = batch * heads
+    out1 = torch.empty(bh, ns, key_dim, value_dim, device=x.device, dtype=torch.float32)
+    out2 = torch.empty_like(out1)
+    gt1 = torch.empty(bh, ns, key_dim, device=x.device, dtype=torch.float32) if stash_needed_gt else out1
+    gt2 = torch.empty_like(gt1) if stash_needed_gt else out1
+    _launch("summary", _summary_kernel, (bh, ns, nv),
+        x, y, g1, g2, out1, out2, gt1, gt2,
+        *_strides(x), *_strides(y), *_strides(g1), *_strides(g2),
+        length, heads, xscale,
+        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec,
+        INCL=incl, STORE_GT=stash_needed_gt, num_warps=FWD_WARPS)
+    return out1, out2, gt1, gt2
+
+
+def _forward(q, k, v, g_fwd, g_bwd, scale, plan):
+    bt, bv, nv, ns, cps = plan
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    bh = batch * heads
+    dot, prec, stash_dtype = _dot_types(q.dtype)
+    o = torch.empty(batch, length, heads, value_dim, device=q.device, dtype=v.dtype)
+    if ns > 1:
+        hf, hb, gtf, gtb = _summaries(k, v, g_fwd, g_bwd, 1.0, plan, False, dot, prec, True)
+    else:
+        hf = hb = gtf = gtb = o  # unused
+    stash = torch.empty(ns * bh * nv * cps * key_dim * bv, device=q.device, dtype=stash_dtype)
+    _launch("fwd", _fwd_kernel, (bh, ns, nv),
+        q, k, v, g_fwd, g_bwd, o, stash, hf, hb, gtf, gtb,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(o),
+        length, heads, 0.5 * scale,
+        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=FWD_WARPS)
+    return o, ((hf, hb, gtf, gtb) if ns > 1 else ())
+
+
+def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
+    bt, bv, nv, ns, cps = plan
+    batch, length, heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    bh = batch * heads
+    dot, prec, stash_dtype = _dot_types(q.dtype)
+    if ns > 1:
+        hf, hb, gtf, gtb = summaries
+        dsb, dsf, _, _ = _summaries(q, do, g_bwd, g_fwd, 0.5 * scale, plan, True, dot, prec, False)
+    else:
+        hf = hb = gtf = gtb = dsf = dsb = q  # unused
+    if nv == 1:
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dgf, dgb = torch.empty_like(g_fwd), torch.empty_like(g_bwd)
+        part_stride = 0
+    else:
+        shape = (nv, batch, length, heads, key_dim)
+        dq, dk, dgf, dgb = (torch.empty(shape, device=q.device, dtype=torch.float32) for _ in range(4))
+        part_stride = dq.stride(0)
+    dv = torch.empty_like(v)
+    stash = torch.empty(ns * bh * nv * cps * 2 * key_dim * bv, device=q.device, dtype=stash_dtype)
+    dqs, dks, dgfs, dgbs = (x[0] if nv > 1 else x for x in (dq, dk, dgf, dgb))
+    _launch("bwd", _bwd_kernel, (bh, ns, nv),
+        q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, stash, hf, hb, dsf, dsb, gtf, gtb,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(do),
+        *_strides(dqs), *_strides(dks), *_strides(dv), *_strides(dgfs), *_strides(dgbs), part_stride,
+        length, heads, 0.5 * scale,
+        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=BWD_WARPS)
+    if nv > 1:
+        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
+        dgf, dgb = dgf.sum(0).to(g_fwd.dtype), dgb.sum(0).to(g_bwd.dtype)
+    return dq, dk, dv, dgf, dgb
+
+
+class BiGLAFunction(torch.autograd.Function):
+    """Autograd wrapper: forward and backward are the fused Triton kernels; only inputs are saved."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g_fwd, g_bwd, scale, chunk, segments):
+        q, k, v, g_fwd, g_bwd = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
+        batch, length, heads, key_dim = q.shape
+        plan = _plan(batch * heads, length, key_dim, v.shape[-1], q.device, chunk, segments)
+        o, summaries = _forward(q, k, v, g_fwd, g_bwd, scale, plan)
+        ctx.save_for_backward(q, k, v, g_fwd, g_bwd, *summaries)
+        ctx.scale, ctx.plan = scale, plan
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g_fwd, g_bwd, *summaries = ctx.saved_tensors
+        do = _last_dim_contiguous(do)
+        grads = _backward(q, k, v, g_fwd, g_bwd, do, ctx.scale, ctx.plan, summaries)
+        return (*grads, None, None, None)
+
+
+def bigla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
+                 scale: float | None = None, *, chunk: int | None = None, segments: int | None = None) -> torch.Tensor:
+    """Fused bidirectional GLA, ``[B, T, H, K]`` q, k, gates and ``[B, T, H, V]`` v; returns o in v's dtype.
+
+    ``chunk`` (16, 32 or 64) and ``segments`` override the automatic plan (for tests and tuning).
+    Raises ``ValueError``/``TypeError`` for inputs the kernel does not support.
+    """
+    reason = unsupported_reason(q, k, v, g_fwd, g_bwd)
+    if reason is not None:
+        raise ValueError(f"bigla_triton: {reason}")
+    if chunk is not None and chunk not in (16, 32, 64):
+        raise ValueError(f"bigla_triton: chunk must be 16, 32 or 64, got {chunk}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.numel() == 0 or v.numel() == 0:  # empty batch or heads: nothing to launch, keep the graph connected
+        return v.new_zeros(v.shape) + sum(x.sum() for x in (q, k, v, g_fwd, g_bwd)).to(v.dtype) * 0
+    return BiGLAFunction.apply(q, k, v, g_fwd, g_bwd, scale, chunk, segments)
+
+
+__all__ = ["GATE_MIN", "bigla_triton", "unsupported_reason", "BiGLAFunction"]
