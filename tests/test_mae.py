@@ -87,14 +87,11 @@ def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, straight, **{"train.max_steps": 4})])
     mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 2})])
-    checkpoint = resumed / "checkpoints" / "step_00000002"
-    saved_model = load_file(str(checkpoint / "model.safetensors"))
     mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 4})])
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    # Model, optimizer, scheduler, RNG and data position all came back: the weights are bit-identical.
     for key, value in final_encoder(straight).items():
         torch.testing.assert_close(final_encoder(resumed)[key], value, rtol=0, atol=0, msg=key)
-    # The restored state is the saved one: resuming again from step 2 reproduces the same model.
-    assert set(saved_model) and all(torch.isfinite(v).all() for v in saved_model.values())
     assert (resumed / "recipe.yaml").is_file() and list((resumed / "images").glob("reconstruction_*.png"))
 
 
