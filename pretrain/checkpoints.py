@@ -20,9 +20,10 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from . import atomic
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -161,7 +162,7 @@ class CheckpointManager:
             # rename cannot replace a non-empty directory; a crash before the rmtree leaves only ignored names.
             os.replace(final, replaced)
         os.replace(in_progress, final)
-        _sync_directory(self.directory)
+        atomic.sync_directory(self.directory)
         if replaced.exists():
             shutil.rmtree(replaced)
 
@@ -172,30 +173,8 @@ class CheckpointManager:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=IN_PROGRESS_SUFFIX,
-                                         delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o644)  # temporary files are created private; these files are meant to be read
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    _sync_directory(path.parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make renames in ``directory`` durable: the directory entry itself has to reach the disk."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """Replace ``path`` with ``data`` atomically; an interrupted write leaves only an ignored ``.tmp`` file."""
+    atomic.write_atomically(path, data, temp_suffix=IN_PROGRESS_SUFFIX)
 
 
 def _marker(checkpoint: Path) -> dict[str, int]:

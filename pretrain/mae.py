@@ -165,7 +165,6 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     export_encoder(accelerator, model, recipe, Path(args.export_to or run_dir / "encoder"))
     tracker.close()
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from functools import partial
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .checkpoints import write_atomically
+from .atomic import write_atomically
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from accelerate.utils import ProjectConfiguration, is_wandb_available
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoints import write_atomically
+from .atomic import write_atomically
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import itertools
@@ -10,8 +9,7 @@ import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -20,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ..atomic import atomic_file
 from .shards import INFO_FILE, SIZES_FILE
 
 logger = logging.getLogger(__name__)
@@ -278,7 +277,7 @@ class _ShardResult:
 
 def _write_shard(task: _ShardTask) -> _ShardResult:
     count, skipped = 0, []
-    with _atomic_file(os.path.join(task.out_dir, task.name)) as stream:
+    with atomic_file(os.path.join(task.out_dir, task.name), _TEMP_SUFFIX) as stream:
         # Fixed mtime (and TarWriter's fixed owner and mode) make the archive a function of its content.
         tar = wds.TarWriter(stream, encoder=False, mtime=0)
         for key, sample in zip(task.keys, task.samples):
@@ -347,30 +346,6 @@ def _warn_about_stale_shards(out_dir: str, prefix: str, planned: set[str]) -> No
         )
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[io.BufferedWriter]:
-    """A binary stream whose content replaces ``path`` only if the block completes; a crash leaves a temp file."""
-    directory, name = os.path.split(path)
-    descriptor, temporary = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            yield stream
-            stream.flush()
-            os.fchmod(stream.fileno(), 0o644)  # mkstemp makes files private; shards are meant to be shared
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-        # The rename is durable only once the directory entry itself reaches the disk.
-        directory_descriptor = os.open(directory or ".", os.O_RDONLY)
-        try:
-            os.fsync(directory_descriptor)
-        finally:
-            os.close(directory_descriptor)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 def _atomic_write_json(path: str, value: object) -> None:
-    with _atomic_file(path) as stream:
+    with atomic_file(path, _TEMP_SUFFIX) as stream:
         stream.write((json.dumps(value, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
