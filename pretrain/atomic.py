@@ -1,8 +1,10 @@
-"""Atomic file writes: readers see the old file or the new one, never a partial one, even after a crash."""
+"""Atomic writes of files and folders: readers see the old version or the new one, never a partial one, even
+after a crash."""
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,3 +45,22 @@ def sync_directory(directory: str | os.PathLike) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh staging folder next to ``path`` that replaces ``path`` only if the block completes: readers see
+    the previous folder (or none) or the whole new one; a failure removes the staging folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        previous = path.with_name(path.name + ".old")
+        if path.exists():
+            os.replace(path, previous)
+        os.replace(staging, path)
+        shutil.rmtree(previous, ignore_errors=True)
+        sync_directory(path.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

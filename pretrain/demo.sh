@@ -4,15 +4,8 @@
 # architecture at random initialisation. Extra arguments are recipe overrides, e.g. model.mask_mode=mask_token.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source tests/setup_env.sh
-fashion=/usr/share/datasets/fashion-mnist
-if [ ! -d "$fashion" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # Fashion-MNIST from Debian when the machine allows it; the demo falls back to scikit-learn's digits.
-  { apt-get install -y -qq dataset-fashion-mnist || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; } \
-    >/dev/null 2>&1 || echo "dataset-fashion-mnist not installable: the demo uses scikit-learn's digits"
-fi
+source pretrain/demo_data.sh
 run=runs/demo_mae_vig_t
-"$PYTHON" -m pretrain.data demo --out demo_data --no-progress
 "$venv/bin/accelerate" launch --config_file recipes/accelerate/cpu.yaml pretrain/mae.py recipes/demo_mae_vig_t.yaml \
   train.output_dir="$run" "$@"
 probe=("$PYTHON" -m eval.linear_probe --encoder "$run/encoder" --train-shards demo_data/train --val-shards demo_data/val

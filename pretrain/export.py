@@ -6,9 +6,6 @@ or ``timm.create_model("local-dir:" + folder, pretrained=True)``; for fine-tunin
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import torch
 from timm.models import save_for_hf
 
 import vig  # noqa: F401  (registers the architectures with timm)
+from pretrain.atomic import atomic_directory
 
 
 def export_timm(state_dict: Mapping[str, torch.Tensor], architecture: str, out_dir: str | Path,
@@ -30,17 +28,8 @@ def export_timm(state_dict: Mapping[str, torch.Tensor], architecture: str, out_d
         size = model_args["img_size"]
         height, width = (size, size) if isinstance(size, int) else size
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (model_args.get("in_chans", 3), height, width)}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         save_for_hf(model, str(staging), model_args=dict(model_args), safe_serialization=True)
-        previous = out_dir.with_name(out_dir.name + ".old")
-        if out_dir.exists():
-            os.replace(out_dir, previous)
-        os.replace(staging, out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 

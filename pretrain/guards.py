@@ -46,6 +46,27 @@ def check_batch_settings(accelerator: Accelerator, micro_batch: int, accumulatio
                              '"auto" (filled from the recipe) or to the same value')
 
 
+def check_clip_setting(accelerator: Accelerator, clip_grad: float | None) -> None:
+    """Make the recipe's ``optim.clip_grad`` (None: no clipping) the clipping DeepSpeed applies; call before
+    ``prepare``.
+
+    Under DeepSpeed the trainer's ``clip_grad_norm_`` call does nothing: the engine clips inside its step, at the
+    config's ``gradient_clipping``, which accelerate fills with 1.0 when it is ``"auto"`` (the default), so a
+    recipe without clipping would silently be clipped at 1.0 there but not under DDP. ``"auto"`` is filled from
+    the recipe (0.0 switches DeepSpeed's clipping off); an explicit value that disagrees is an error.
+    """
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    wanted = float(clip_grad or 0.0)
+    given = config.get("gradient_clipping", "auto")
+    if given == "auto":
+        config["gradient_clipping"] = wanted
+    elif float(given) != wanted:
+        raise ValueError(f"the DeepSpeed config sets gradient_clipping={given} but the recipe's optim.clip_grad is "
+                         f"{clip_grad}: set it to \"auto\" (filled from the recipe) or to the same value")
+
+
 class NonFiniteGuard:
     """Tells the trainer to skip steps with a NaN/Inf loss and gives up after ``max_consecutive`` in a row.
 

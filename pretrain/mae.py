@@ -8,10 +8,10 @@ Runs on CPU, one or many GPUs and nodes (DDP, or DeepSpeed ZeRO 1-3 through the 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,30 +22,36 @@ from torchvision.utils import make_grid
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import build_loader
 from pretrain.export import export_timm, sub_state_dict
-from pretrain.guards import NonFiniteGuard, StopSignal, check_batch_settings
+from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.masked_autoencoder import MaskedAutoencoder
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
-from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe
+from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import MAERecipe
-from pretrain.tracking import Throughput, Tracker, accelerator_kwargs, progress_bar
+from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.batch_size=128")
-    parser.add_argument("--export-from", help="export the encoder of this checkpoint and exit")
-    parser.add_argument("--export-to", help="export folder (default: <output_dir>/encoder)")
-    return parser.parse_args(argv)
+class DataWait:
+    """Share of wall time spent waiting for the loader since the last :meth:`fraction` call (loader-bound if high)."""
 
+    def __init__(self):
+        self.waited = 0.0
+        self.since = time.perf_counter()
 
-def build_accelerator(recipe: MAERecipe, run_dir: Path) -> Accelerator:
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.optim.accum_steps,
-                              mixed_precision=recipe.train.mixed_precision,
-                              **accelerator_kwargs(run_dir, recipe.train.wandb))
-    # The loader is never prepared, so the recipe is the one source of micro-batch and accumulation.
-    check_batch_settings(accelerator, recipe.optim.batch_size, recipe.optim.accum_steps)
-    return accelerator
+    def wrap(self, iterable):
+        iterator = iter(iterable)
+        while True:
+            asked = time.perf_counter()
+            item = next(iterator, None)
+            self.waited += time.perf_counter() - asked
+            if item is None:
+                return
+            yield item
+
+    def fraction(self) -> float:
+        now = time.perf_counter()
+        fraction = self.waited / max(now - self.since, 1e-9)
+        self.waited, self.since = 0.0, now
+        return fraction
 
 
 def encoder_args(recipe: MAERecipe) -> dict:
@@ -70,7 +76,7 @@ def image_grid(model: MaskedAutoencoder, images: torch.Tensor, prediction: torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = trainer_arguments(argv, __doc__, "encoder", "encoder")
     recipe = load_recipe(args.recipe, MAERecipe, args.overrides)
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe, run_dir)
@@ -95,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = build_scheduler(optimizer, total_updates, recipe.optim.warmup_epochs * updates_per_epoch,
                                 recipe.optim.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.
+    input_dtype = next(model.parameters()).dtype
     state = TrainState()
     guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
     for stateful in (state, loader, scheduler, guard):
@@ -117,14 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
     throughput = Throughput()
+    data_wait = DataWait()
     bar = progress_bar(accelerator, total=last_update, initial=state.step, description="mae")
     grad_norm = torch.tensor(0.0)
 
     with StopSignal() as stop:
         while state.step < last_update:
             state.epoch = loader.epoch
-            for images in loader:
-                images = images.to(accelerator.device, non_blocking=True)
+            for images in data_wait.wrap(loader):
+                images = images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
                 with accelerator.accumulate(model):
                     scheduler.step_update(state.step)
                     with accelerator.autocast():
@@ -144,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
                 bar.update(1)
                 if state.step % recipe.train.log_every == 0 or state.step == last_update:
                     scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": optimizer.param_groups[0]["lr"],
-                               "grad_norm": grad_norm, "images_per_second": throughput.rate() or 0.0,
+                               "grad_norm": math.nan if grad_norm is None else grad_norm,
+                               "images_per_second": throughput.rate() or 0.0,
+                               "data_wait_fraction": data_wait.fraction(),
                                "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
                                "bad_samples": loader.bad_sample_count}
                     tracker.log(scalars, state.step)

@@ -7,6 +7,7 @@ misspelled key or a wrongly typed value costs seconds instead of a wasted run.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -46,6 +47,17 @@ def load_recipe(path: str | Path, schema: type[T], overrides: Sequence[str] = ()
         values = _merge(values, nested)
         sources.update(_key_sources(nested, COMMAND_LINE))
     return _build(schema, values, "", _Origin(sources, default=str(path), schema=schema))
+
+
+def trainer_arguments(argv: Sequence[str] | None, description: str, exported: str,
+                      default_export: str) -> argparse.Namespace:
+    """The command line every trainer takes: a recipe, ``section.key=value`` overrides, and export-only options."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.batch_size=128")
+    parser.add_argument("--export-from", help=f"export the {exported} of this checkpoint and exit")
+    parser.add_argument("--export-to", help=f"export folder (default: <output_dir>/{default_export})")
+    return parser.parse_args(argv)
 
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:

@@ -35,6 +35,8 @@ class OptimSection:
     eps: float = 1e-8
     epochs: int = 800
     warmup_epochs: int = 40
+    warmup_steps: int | None = None
+    """Warm-up in optimizer updates; overrides ``warmup_epochs`` when set (CLIP counts warm-up in steps)."""
     clip_grad: float | None = None
     """Clip the gradient norm to this value (None: measure it without clipping)."""
 
@@ -56,6 +58,7 @@ class TrainSection:
     max_nonfinite: int = 10
     """Stop with an error after this many consecutive steps with a NaN/Inf loss."""
     grad_checkpointing: bool = False
+    """Recompute activations in the backward pass (the image tower's blocks) to save memory."""
     wandb: bool | Literal["auto"] = "auto"
     """Also log to Weights & Biases: True, False, or ``auto`` (when installed and configured)."""
 
@@ -81,3 +84,55 @@ class MAERecipe:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+
+
+@dataclass
+class CLIPModelSection:
+    config: str = "ViG-B-16"
+    """An open_clip model config: the project's (``ViG-B-16``, ``Vim-S-16``, ``ViG-T-16-MiniLM-L6``, ...; see
+    ``vig.clip_towers``) or any other with a timm image tower."""
+    image_size: int = 224
+    text_model_dir: str | None = None
+    """A local Hugging Face text model to use instead of the config's text tower (LiT; lock it with lock_text)."""
+    lock_text: bool = False
+    """Freeze the text tower (kept in eval mode); the image tower learns to map into its space."""
+    text_cache_size: int = 0
+    """With lock_text: keep up to this many caption features instead of recomputing them (0: no cache)."""
+    loss: Literal["clip", "siglip"] = "clip"
+    local_loss: bool = True
+    """CLIP loss: score this rank's rows against all columns (same gradient, memory linear in the batch)."""
+    gather_with_grad: bool = True
+    """CLIP loss: gather features with gradient (required for the global loss's gradient with local_loss)."""
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class ZeroShotSection:
+    class_names: str | None = None
+    """``imagenet``, a file with one name per line, or None for the class names recorded with data.val_shards."""
+    templates: str = "openai"
+    """``openai`` (80), ``simple`` (7), or a file with one template per line (``{}`` marks the class name)."""
+    every: int = 1000
+    """Run zero-shot classification on data.val_shards every this many updates and at the end (0: only at the end)."""
+    batch_size: int = 256
+
+
+@dataclass
+class CLIPOptimSection(OptimSection):
+    """The CLIP paper's optimiser settings: an absolute learning rate, AdamW (0.9, 0.98), eps 1e-6, wd 0.2."""
+    lr: float | None = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    epochs: int = 32
+    warmup_epochs: int = 0
+    warmup_steps: int | None = 2000
+
+
+@dataclass
+class CLIPRecipe:
+    model: CLIPModelSection = field(default_factory=CLIPModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: CLIPOptimSection = field(default_factory=CLIPOptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)

@@ -1,4 +1,4 @@
-"""Run logging: TensorBoard always, Weights & Biases when available, PNG images, throughput and a progress bar.
+"""Run setup and logging: the Accelerator, TensorBoard always, Weights & Biases when available, PNG images, throughput and a progress bar.
 
 Everything goes through accelerate's trackers, which only the main process starts, so callers may log from
 every process.
@@ -13,18 +13,17 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_wandb_available
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import write_atomically
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
+from .guards import check_batch_settings, check_clip_setting
 
 ImageLike = np.ndarray | Image.Image | torch.Tensor
 
@@ -56,6 +55,17 @@ def accelerator_kwargs(run_dir: str | Path, use_wandb: bool | Literal["auto"] = 
                                           automatic_checkpoint_naming=False)
     log_with = ["tensorboard", "wandb"] if wandb_wanted(use_wandb) else ["tensorboard"]
     return {"log_with": log_with, "project_config": project_config}
+
+
+def build_accelerator(recipe: Any, run_dir: str | Path) -> Accelerator:
+    """The Accelerator of a run, from a recipe with ``optim`` and ``train`` sections (see ``pretrain.schema``)."""
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.optim.accum_steps,
+                              mixed_precision=recipe.train.mixed_precision,
+                              **accelerator_kwargs(run_dir, recipe.train.wandb))
+    # The loader is never prepared, so the recipe is the one source of micro-batch and accumulation.
+    check_batch_settings(accelerator, recipe.optim.batch_size, recipe.optim.accum_steps)
+    check_clip_setting(accelerator, recipe.optim.clip_grad)
+    return accelerator
 
 
 class Tracker:

@@ -20,7 +20,7 @@ from PIL import Image
 
 import vig  # noqa: F401  (registers the towers with timm)
 from pretrain.checkpoints import CheckpointError, CheckpointManager, TrainState
-from pretrain.guards import NonFiniteGuard, StopSignal, check_batch_settings
+from pretrain.guards import NonFiniteGuard, StopSignal, check_batch_settings, check_clip_setting
 from pretrain.optim import build_optimizer, build_scheduler, param_groups, parameter_names, scaled_lr
 from pretrain.recipe import RecipeError, load_recipe, recipe_to_dict, save_recipe
 from pretrain.tracking import Throughput, Tracker, accelerator_kwargs, wandb_wanted
@@ -421,6 +421,23 @@ def test_batch_settings_have_one_source():
         check_batch_settings(deepspeed(gradient_accumulation_steps=4), micro_batch=8, accumulation_steps=2)
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=16 but the recipe gives 8"):
         check_batch_settings(deepspeed(train_micro_batch_size_per_gpu=16), micro_batch=8, accumulation_steps=2)
+
+
+def test_deepspeed_clipping_follows_the_recipe():
+    def deepspeed(**config):
+        plugin = SimpleNamespace(deepspeed_config=config)
+        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    check_clip_setting(Accelerator(cpu=True), None)  # not DeepSpeed: nothing to do
+    unclipped = deepspeed(gradient_clipping="auto")  # accelerate would fill "auto" with 1.0
+    check_clip_setting(unclipped, None)
+    assert unclipped.state.deepspeed_plugin.deepspeed_config == {"gradient_clipping": 0.0}
+    clipped = deepspeed()
+    check_clip_setting(clipped, 3.0)
+    assert clipped.state.deepspeed_plugin.deepspeed_config == {"gradient_clipping": 3.0}
+    check_clip_setting(deepspeed(gradient_clipping=3.0), 3.0)
+    with pytest.raises(ValueError, match="gradient_clipping=1.0 but the recipe's optim.clip_grad is None"):
+        check_clip_setting(deepspeed(gradient_clipping=1.0), None)
 
 
 def test_stop_signal_catches_sigterm_and_restores_handlers():

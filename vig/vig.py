@@ -14,15 +14,21 @@ from __future__ import annotations
 import math
 import re
 from functools import partial
+
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, GluMlp, LayerNorm2d, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    DropPath,
+    GluMlp,
+    LayerNorm2d,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -210,6 +216,34 @@ class ViG(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint trained at another resolution brings its own position grid; adopting it is lossless since
+        # forward resamples to the input grid anyway (open_clip cannot pass img_size to timm towers).
+        stored = state_dict.get(prefix + "pos_embed")
+        if stored is not None and stored.shape[1] != self.pos_embed.shape[1]:
+            side = math.isqrt(stored.shape[1])
+            if side * side == stored.shape[1] and stored.shape[2] == self.embed_dim:
+                self.pos_embed = nn.Parameter(torch.empty_like(stored, device=self.pos_embed.device))
+                self.pos_grid = (side, side)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """Resample the stored ``pos_embed`` to ``img_size`` once, instead of on every call (timm's API; open_clip
+        calls it for ``force_image_size``)."""
+        if patch_size not in (None, self.patch_size):
+            raise ValueError(f"ViG's patch size is fixed at {self.patch_size}, got {patch_size}")
+        if img_size is None:
+            return
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        grid = (height // self.patch_size, width // self.patch_size)
+        if grid != self.pos_grid:
+            resized = resample_abs_pos_embed(self.pos_embed.data, list(grid), list(self.pos_grid), num_prefix_tokens=0,
+                                             antialias=False)
+            self.pos_embed = nn.Parameter(resized)
+            self.pos_grid = grid
+        self.pretrained_cfg = {**getattr(self, "pretrained_cfg", {}), "input_size": (self.in_chans, height, width)}
 
     def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
               mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -399,6 +433,15 @@ class HierViG(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """ViG-H has no position embedding, so any size divisible by 32 runs as is; this records the size."""
+        if patch_size not in (None, self.patch_size):
+            raise ValueError(f"ViG-H's output stride is fixed at {self.patch_size}, got {patch_size}")
+        if img_size is not None:
+            height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            self.pretrained_cfg = {**getattr(self, "pretrained_cfg", {}), "input_size": (self.in_chans, height, width)}
 
     def run_stage(self, stage: HierViGStage, x: torch.Tensor) -> torch.Tensor:
         """Blocks of one stage on an NHWC map; returns the NHWC map before the downsample."""

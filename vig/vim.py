@@ -15,13 +15,18 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    DropPath,
+    PatchEmbed,
+    lecun_normal_,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -190,6 +195,32 @@ class Vim(nn.Module):
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint trained at another resolution brings its own position grid (square plus the class entry);
+        # adopting it is lossless since forward resamples to the input grid anyway.
+        stored = state_dict.get(prefix + "pos_embed")
+        if stored is not None and stored.shape[1] != self.pos_embed.shape[1]:
+            side = math.isqrt(stored.shape[1] - 1)
+            if side * side == stored.shape[1] - 1 and stored.shape[2] == self.embed_dim:
+                self.pos_embed = nn.Parameter(torch.empty_like(stored, device=self.pos_embed.device))
+                self.pos_grid = (side, side)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """Resample the stored ``pos_embed`` (around its class-token entry) to ``img_size`` once, instead of on
+        every call (timm's API; open_clip calls it for ``force_image_size``)."""
+        if patch_size not in (None, self.patch_size):
+            raise ValueError(f"Vim's patch size is fixed at {self.patch_size}, got {patch_size}")
+        if img_size is None:
+            return
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        grid = (height // self.patch_size, width // self.patch_size)
+        if tuple(grid) != tuple(self.pos_grid):
+            self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, grid, self.pos_grid))
+            self.pos_grid = grid
+        self.pretrained_cfg = {**getattr(self, "pretrained_cfg", {}), "input_size": (self.in_chans, height, width)}
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """``pos_embed`` for a token grid (resized when it differs from the stored one)."""
