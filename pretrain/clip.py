@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator.print(f"{recipe.model.loss.upper()} {recipe.model.config} at {recipe.model.image_size}px: "
                       f"{last_update} updates from step {state.step}, global batch {global_batch}, lr {lr:.3g}, "
                       f"{accelerator.num_processes} processes")
+    # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.
+    input_dtype = next(model.parameters()).dtype
     throughput = Throughput()
     bar = progress_bar(accelerator, total=last_update, initial=state.step, description=recipe.model.loss)
     grad_norm = torch.tensor(0.0)
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         while state.step < last_update:
             state.epoch = loader.epoch
             for images, texts in loader:
-                micro_batches.append((images.to(accelerator.device, non_blocking=True),
+                micro_batches.append((images.to(accelerator.device, dtype=input_dtype, non_blocking=True),
                                       texts.to(accelerator.device, non_blocking=True)))
                 if len(micro_batches) < accum:
                     continue
@@ -201,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                "logit_scale": out["logit_scale"].detach().float(),
                                "batch_accuracy": accelerator.reduce(similarity_accuracy(out).detach(), "mean"),
                                "images_per_second": throughput.rate() or 0.0,
+                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
                                "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
                                "bad_samples": loader.bad_sample_count}
                     tracker.log(scalars, state.step)

@@ -141,9 +141,10 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         clip = self.clip
+        image_features = clip.encode_image(images, normalize=True)
         out = {
-            "image_features": clip.encode_image(images, normalize=True),
-            "text_features": self.encode_text(texts),
+            "image_features": image_features,
+            "text_features": self.encode_text(texts).to(image_features.dtype),
             # Clamped here rather than in place after each step, so it holds under DeepSpeed's master weights too.
             "logit_scale": clip.logit_scale.clamp(0, MAX_LOGIT_SCALE).exp(),
         }

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,30 +27,6 @@ from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import MAERecipe
 from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
-
-
-class DataWait:
-    """Share of wall time spent waiting for the loader since the last :meth:`fraction` call (loader-bound if high)."""
-
-    def __init__(self):
-        self.waited = 0.0
-        self.since = time.perf_counter()
-
-    def wrap(self, iterable):
-        iterator = iter(iterable)
-        while True:
-            asked = time.perf_counter()
-            item = next(iterator, None)
-            self.waited += time.perf_counter() - asked
-            if item is None:
-                return
-            yield item
-
-    def fraction(self) -> float:
-        now = time.perf_counter()
-        fraction = self.waited / max(now - self.since, 1e-9)
-        self.waited, self.since = 0.0, now
-        return fraction
 
 
 def encoder_args(recipe: MAERecipe) -> dict:
@@ -125,14 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
     throughput = Throughput()
-    data_wait = DataWait()
     bar = progress_bar(accelerator, total=last_update, initial=state.step, description="mae")
     grad_norm = torch.tensor(0.0)
 
     with StopSignal() as stop:
         while state.step < last_update:
             state.epoch = loader.epoch
-            for images in data_wait.wrap(loader):
+            for images in loader:
                 images = images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
                 with accelerator.accumulate(model):
                     scheduler.step_update(state.step)
@@ -155,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                     scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": optimizer.param_groups[0]["lr"],
                                "grad_norm": math.nan if grad_norm is None else grad_norm,
                                "images_per_second": throughput.rate() or 0.0,
-                               "data_wait_fraction": data_wait.fraction(),
+                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
                                "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
                                "bad_samples": loader.bad_sample_count}
                     tracker.log(scalars, state.step)

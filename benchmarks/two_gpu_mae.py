@@ -1,0 +1,112 @@
+"""Summarise MAE runs of the two-GPU check (issue 5): loss after 100 updates and images/s, from TensorBoard.
+
+    python benchmarks/two_gpu_mae.py runs/bench_2gpu/1gpu runs/bench_2gpu/ddp runs/bench_2gpu/zero2 \
+        --out benchmarks/results/two_gpu_mae.json
+
+Each argument is a run's ``output_dir`` (``pretrain/mae.py`` with ``train.log_every=1``); the first is the
+reference. Per run: the mean of the last ``--last`` logged losses; images/s from the event wall times between
+update ``--from`` and the last one (global batch x updates / seconds), also without the time the trainer spent
+waiting for the loader (``data_wait_fraction``, logged per update), and the median of the trainer's own
+20-update windows (``images_per_second``) from update ``--from`` on.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def read_run(run_dir: str) -> dict[str, list]:
+    files = sorted(glob.glob(os.path.join(run_dir, "logs", "**", "events.out.tfevents.*"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no TensorBoard event file under {run_dir}/logs")
+    series: dict[str, dict[int, tuple[float, float]]] = {}
+    for path in files:
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for event in acc.Scalars(tag):
+                series.setdefault(tag, {})[event.step] = (event.wall_time, event.value)
+    return {tag: sorted((step, wall, value) for step, (wall, value) in points.items())
+            for tag, points in series.items()}
+
+
+def summarise(run_dir: str, first: int, last: int, global_batch: int | None) -> dict:
+    series = read_run(run_dir)
+    losses = series["loss"]
+    final_step = losses[-1][0]
+    window = [value for step, _, value in losses[-last:]]
+    rates = [value for step, _, value in series.get("images_per_second", []) if step >= first]
+    waits = [value for step, _, value in series.get("data_wait_fraction", []) if step > first]
+    out = {"run": run_dir, "updates": final_step, "loss_last_mean": statistics.fmean(window),
+           "loss_last_n": len(window), "loss_final": losses[-1][2], "loss_first": losses[0][2],
+           "images_per_second_median_window": statistics.median(rates) if rates else None,
+           "data_wait_fraction_mean": statistics.fmean(waits) if waits else None,
+           "data_wait_fraction_max": max(waits) if waits else None}
+    walls = {step: wall for step, wall, _ in losses}
+    if global_batch and first in walls and final_step > first:
+        seconds = walls[final_step] - walls[first]
+        out["images_per_second_wall"] = global_batch * (final_step - first) / seconds
+        # The same span without the time spent waiting for the loader (each update's interval times the share
+        # of it not spent in the loader): what the GPUs and the training loop alone would give.
+        wait = {step: value for step, _, value in series.get("data_wait_fraction", [])}
+        busy = sum((walls[step] - walls[step - 1]) * (1 - wait.get(step, 0.0))
+                   for step in range(first + 1, final_step + 1) if step in walls and step - 1 in walls)
+        if busy > 0:
+            out["images_per_second_excluding_wait"] = global_batch * (final_step - first) / busy
+    recipe = os.path.join(run_dir, "recipe.yaml")
+    if os.path.exists(recipe):
+        out["recipe"] = open(recipe).read()
+    out["series"] = {tag: [[step, round(wall, 3), value] for step, wall, value in points]
+                     for tag, points in series.items() if tag in ("loss", "images_per_second", "data_wait_fraction",
+                                                                 "grad_norm", "lr")}
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run output_dirs; the first is the reference (1 GPU)")
+    parser.add_argument("--names", nargs="+", help="labels (default: the folder names)")
+    parser.add_argument("--global-batch", type=int, default=512)
+    parser.add_argument("--from", dest="first", type=int, default=60, help="first update of the throughput span")
+    parser.add_argument("--last", type=int, default=10, help="losses averaged at the end")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    names = args.names or [os.path.basename(os.path.normpath(run)) for run in args.runs]
+    results = []
+    for name, run in zip(names, args.runs, strict=True):
+        try:
+            results.append({"name": name, **summarise(run, args.first, args.last, args.global_batch)})
+        except Exception as exc:  # noqa: BLE001  (report the others)
+            results.append({"name": name, "run": run, "error": f"{type(exc).__name__}: {exc}"})
+    reference = results[0] if "error" not in results[0] else None
+    for r in results:
+        if reference and "error" not in r:
+            r["loss_vs_reference"] = r["loss_last_mean"] / reference["loss_last_mean"] - 1
+            for key in ("wall", "excluding_wait"):
+                if r.get(f"images_per_second_{key}") and reference.get(f"images_per_second_{key}"):
+                    r[f"speedup_{key}"] = r[f"images_per_second_{key}"] / reference[f"images_per_second_{key}"]
+            if r.get("images_per_second_median_window") and reference.get("images_per_second_median_window"):
+                r["speedup_window"] = (r["images_per_second_median_window"]
+                                       / reference["images_per_second_median_window"])
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=1)
+    print(f"| run | updates | loss (mean of last {args.last}) | vs {names[0]} | images/s (updates {args.first}-end) | "
+          "speed-up | loader wait (mean / max) | images/s without loader wait | speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | failed: {r['error'][:100]} | | | | | | | |")
+            continue
+        fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+        print(f"| {r['name']} | {r['updates']} | {r['loss_last_mean']:.4f} | {fmt(r.get('loss_vs_reference'), '+.2%')} "
+              f"| {fmt(r.get('images_per_second_wall'), '.0f')} | {fmt(r.get('speedup_wall'), '.2f')}x "
+              f"| {fmt(r['data_wait_fraction_mean'], '.1%')} / {fmt(r['data_wait_fraction_max'], '.1%')} "
+              f"| {fmt(r.get('images_per_second_excluding_wait'), '.0f')} | {fmt(r.get('speedup_excluding_wait'), '.2f')}x |")
+
+if __name__ == "__main__":
+    main()
