@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     model_cfg = clip_model_config(recipe.model.config, image_size=recipe.model.image_size, loss=recipe.model.loss,
                                   text_model_dir=recipe.model.text_model_dir,
                                   drop_path_rate=recipe.model.drop_path_rate)
-    clip_model = create_clip_model(model_cfg, recipe.model.config)
+    clip_model = create_clip_model(model_cfg)
     if recipe.train.grad_checkpointing:
         clip_model.visual.set_grad_checkpointing(True)
     model = ContrastiveModel(clip_model, lock_text=recipe.model.lock_text, text_cache_size=recipe.model.text_cache_size)
@@ -175,7 +175,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     bar = progress_bar(accelerator, total=last_update, initial=state.step, description=recipe.model.loss)
     grad_norm = torch.tensor(0.0)
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    result = None
 
     with StopSignal() as stop:
         while state.step < last_update:
@@ -221,8 +220,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 if state.step >= last_update:
                     break
     bar.close()
-    if zeroshot:
-        result = evaluate()
+    result = evaluate() if zeroshot else None
     export_model(accelerator, model, model_cfg, export_dir)
     tracker.close()
     return result

@@ -53,7 +53,7 @@ def clip_model_config(config: str, *, image_size: int, loss: str = "clip", text_
     return model_cfg
 
 
-def create_clip_model(model_cfg: Mapping[str, Any], name: str = "recipe") -> nn.Module:
+def create_clip_model(model_cfg: Mapping[str, Any]) -> nn.Module:
     """Build an open_clip model from a full config (as :func:`clip_model_config` returns or an export holds)."""
     model_cfg = copy.deepcopy(dict(model_cfg))
     custom_text = "hf_model_name" in model_cfg["text_cfg"] or model_cfg.pop("custom_text", False)
@@ -64,7 +64,6 @@ def create_clip_model(model_cfg: Mapping[str, Any], name: str = "recipe") -> nn.
         # open_clip does not pass image_size to timm; our towers resample their position embedding once here.
         model.visual.set_input_size(image_size)
     open_clip.set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=model.visual.image_size)))
-    model.model_name = name
     return model
 
 
@@ -76,13 +75,16 @@ def clip_tokenizer(model_cfg: Mapping[str, Any]):
     return open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
 
 
+def text_modules(clip: nn.Module) -> list[nn.Module]:
+    """The text tower: ``CustomTextCLIP.text``, or CLIP's text modules."""
+    return [clip.text] if hasattr(clip, "text") else [clip.token_embedding, clip.transformer, clip.ln_final]
+
+
 def text_parameters(clip: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the text tower (``CustomTextCLIP.text``, or CLIP's text modules)."""
-    if hasattr(clip, "text"):
-        return list(clip.text.parameters())
-    modules = [clip.token_embedding, clip.transformer, clip.ln_final]
-    params = [p for module in modules for p in module.parameters()]
-    return params + [p for p in (clip.positional_embedding, clip.text_projection) if isinstance(p, nn.Parameter)]
+    """Parameters of the text tower, including CLIP's loose position embedding and projection."""
+    params = [p for module in text_modules(clip) for p in module.parameters()]
+    loose = (getattr(clip, "positional_embedding", None), getattr(clip, "text_projection", None))
+    return params + [p for p in loose if isinstance(p, nn.Parameter)]
 
 
 class ContrastiveModel(nn.Module):
@@ -99,8 +101,6 @@ class ContrastiveModel(nn.Module):
         self.clip = clip
         self.lock_text = lock_text
         if lock_text:
-            if hasattr(clip, "text"):
-                clip.lock_text_tower(0, freeze_layer_norm=True)
             for parameter in text_parameters(clip):
                 parameter.requires_grad_(False)
         elif text_cache_size:
@@ -111,19 +111,15 @@ class ContrastiveModel(nn.Module):
     def train(self, mode: bool = True) -> ContrastiveModel:
         super().train(mode)
         if self.lock_text:
-            for module in self._text_modules():
+            for module in text_modules(self.clip):
                 module.eval()
         return self
-
-    def _text_modules(self) -> list[nn.Module]:
-        clip = self.clip
-        return [clip.text] if hasattr(clip, "text") else [clip.token_embedding, clip.transformer, clip.ln_final]
 
     def encode_text(self, texts: torch.Tensor) -> torch.Tensor:
         if not self.text_cache_size:
             if self.lock_text:
                 with torch.no_grad():
-                    return self.clip.encode_text(texts, normalize=True).float()
+                    return self.clip.encode_text(texts, normalize=True)
             return self.clip.encode_text(texts, normalize=True)
         keys = [row.tobytes() for row in texts.cpu().numpy()]
         found = {key: self._text_cache[key] for key in dict.fromkeys(keys) if key in self._text_cache}

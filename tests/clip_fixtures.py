@@ -30,7 +30,7 @@ def register_tiny_config(folder: Path) -> str:
 
 def tiny_clip(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_clip_model(TINY_CONFIG, TINY_CONFIG_NAME)
+    return create_clip_model(TINY_CONFIG)
 
 
 def digits_batch(count: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,6 @@ if importlib.util.find_spec("open_clip") is not None:
 else:
     OPEN_CLIP_CONFIGS = ()
 
-__all__ = ["OPEN_CLIP_CONFIGS", "MODEL_NAMES", "ViG", "HierViG", "Vim", "BiGLAMixer", "BiMambaMixer", "load_official_state_dict",
-           "model_cost"]
+__all__ = ["MODEL_NAMES", "OPEN_CLIP_CONFIGS", "ViG", "HierViG", "Vim", "BiGLAMixer", "BiMambaMixer",
+           "load_official_state_dict", "model_cost"]
 __version__ = "0.1.0"
