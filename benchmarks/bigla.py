@@ -192,25 +192,30 @@ def check(heads, length, device):
 
 
 def set_config(cfg):
-    """chunk:fwd_warps:bwd_warps[:value_block[:programs_per_sm[:num_stages]]], 0 = default."""
-    vals = [int(x) for x in cfg.split(":")] + [0, 0, 0]
+    """chunk:fwd_warps:bwd_warps[:value_block[:programs_per_sm[:num_stages[:fwd_maxnreg[:bwd_maxnreg]]]]],
+    0 = default."""
+    vals = [int(x) for x in cfg.split(":")] + [0] * 5
     fused.CHUNK, fused.FWD_WARPS, fused.BWD_WARPS = vals[:3]
     fused.VALUE_BLOCK = vals[3] or None
     fused.PROGRAMS_PER_SM = vals[4] or 2
     fused.NUM_STAGES = vals[5] or None
+    fused.FWD_MAX_REGISTERS = vals[6] or None
+    fused.BWD_MAX_REGISTERS = vals[7] or None
 
 
 def current_config():
     return (f"chunk {fused.CHUNK}, warps fwd {fused.FWD_WARPS} / bwd {fused.BWD_WARPS}, value block "
             f"{fused.VALUE_BLOCK or 'auto'}, programs/SM target {fused.PROGRAMS_PER_SM}, stages "
-            f"{fused.NUM_STAGES or 'default'}")
+            f"{fused.NUM_STAGES or 'default'}, register cap fwd {fused.FWD_MAX_REGISTERS or 'none'} / bwd "
+            f"{fused.BWD_MAX_REGISTERS or 'none'}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="all", choices=["all", "quick"])
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench repetition time per measurement (ms)")
-    ap.add_argument("--configs", default=None, help="chunk:fwd_warps:bwd_warps[:bv[:pps[:stages]]],... sweep")
+    ap.add_argument("--configs", default=None,
+                    help="chunk:fwd_warps:bwd_warps[:bv[:pps[:stages[:fwd_maxnreg[:bwd_maxnreg]]]]],... sweep")
     ap.add_argument("--then-full", action="store_true", help="after the sweep, run the full table with the best")
     ap.add_argument("--config", default=None, help="configuration of ours for the table")
     ap.add_argument("--no-baselines", action="store_true")
@@ -230,6 +235,7 @@ def main():
               f"{bandwidth / 1e12:.3f} TB/s")
     print(header, flush=True)
 
+    timer = bench_graph if args.graphs else bench
     if args.configs:
         rows = []
         for model, length, batch in shapes:
@@ -239,8 +245,8 @@ def main():
             for cfg in args.configs.split(","):
                 set_config(cfg)
                 try:
-                    f = bench(ours, make, sets, args.rep, False)
-                    fb = bench(ours, make, sets, args.rep, True)
+                    f = timer(ours, make, sets, args.rep, False)
+                    fb = timer(ours, make, sets, args.rep, True)
                 except Exception as exc:  # a configuration that does not compile or fit
                     print(f"{model} T={length} B={batch} cfg={cfg}: failed: {type(exc).__name__}: {exc}"[:300])
                     rows.append((model, length, batch, cfg, float("inf"), float("inf")))
@@ -251,7 +257,8 @@ def main():
                 print(f"{model} T={length} B={batch} cfg={cfg}: fwd {f * 1e3:.1f} us, fwd+bwd {fb * 1e3:.1f} us "
                       f"[plan {fused._plan(batch * heads, length, KEY_DIM, VALUE_DIM, device)}; {diag}]", flush=True)
                 fused.LAST_LAUNCH.clear()
-        print("\n| model | T | B | chunk:fwd_warps:bwd_warps[:bv:pps:stages] | fwd us | fwd+bwd us |\n"
+        print("\n| model | T | B | chunk:fwd_warps:bwd_warps[:bv:pps:stages:fwd_maxnreg:bwd_maxnreg] | fwd us | "
+              "fwd+bwd us |\n"
               "|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4] * 1e3:.1f} | {r[5] * 1e3:.1f} |")
@@ -280,7 +287,6 @@ def main():
              "floor_fwd": token_heads * fwd_bytes() / bandwidth * 1e3,
              "floor_fb": token_heads * (fwd_bytes() + bwd_bytes()) / bandwidth * 1e3}
         r.update({f"err_{k}": v for k, v in check(heads, length, device).items()})
-        timer = bench_graph if args.graphs else bench
 
         def timed(key, fn, mk, backward):
             try:

@@ -2,7 +2,8 @@
 
 Triton decides between compiling and interpreting when a kernel is defined (module import), so these cases
 run in a fresh process with ``TRITON_INTERPRET=1`` set before anything imports ``kernels.bigla.fused``.
-Usage: ``python tests/bigla_interp_cases.py GROUP`` with GROUP one of ``CASES``; exits non-zero on failure.
+Usage: ``python tests/bigla_interp_cases.py GROUP`` with GROUP one of ``CASES`` or ``compile``; exits non-zero
+on failure.
 Every case compares output and all five gradients (fp32 kernel in the interpreter) against the float64
 reference with fla-style RMS ratios: ``RMS(out - ref) / RMS(ref) < tol`` or ``max |out - ref| <= 1e-6``.
 """
@@ -117,10 +118,42 @@ CASES = {
 }
 
 
+def compile_cases():
+    """The op as torch.library sees it: opcheck's schema, fake-tensor, autograd-registration and AOT-dispatch
+    tests, and torch.compile(fullgraph=True) matching eager, for a one-segment and a segmented plan."""
+    ok = True
+    for segments in (0, 3):
+        gen = torch.Generator().manual_seed(segments)
+        q, k = (torch.randn(2, 70, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
+        v = torch.randn(2, 70, 2, 32, generator=gen, requires_grad=True)
+        g_f, g_b = (weak(torch.randn(2, 70, 2, 16, generator=gen)).requires_grad_() for _ in range(2))
+        args = (q, k, v, g_f, g_b, 0.25, 0, segments)
+        report = torch.library.opcheck(torch.ops.vig_kernels.bigla_fwd.default, args)
+        failed = {name: result for name, result in report.items() if result != "SUCCESS"}
+
+        def loss(*leaves):
+            return (bigla_triton(*leaves, scale=0.25, segments=segments or None) ** 2).sum()
+
+        leaves = (q, k, v, g_f, g_b)
+        eager = torch.autograd.grad(loss(*leaves), leaves)
+        torch._dynamo.reset()
+        compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+        graph = torch.autograd.grad(compiled(*leaves), leaves)
+        worst = max(rms_ratio(a, b) for a, b in zip(graph, eager))
+        good = not failed and worst < 1e-6
+        print(f"{'ok  ' if good else 'FAIL'} compile segments={segments}: opcheck "
+              f"{failed or 'all SUCCESS'}, compiled vs eager gradient RMS ratio {worst:.1e}", flush=True)
+        ok &= good
+    return ok
+
+
 def main(groups):
     start = time.time()
     ok = True
     for group in groups:
+        if group == "compile":
+            ok &= compile_cases()
+            continue
         for case in CASES[group]:
             ok &= run_case(**case)
     print(f"{'passed' if ok else 'FAILED'} in {time.time() - start:.1f} s", flush=True)
@@ -128,4 +161,4 @@ def main(groups):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or list(CASES)))
+    sys.exit(main(sys.argv[1:] or [*CASES, "compile"]))

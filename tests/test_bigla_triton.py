@@ -33,7 +33,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("group", ["dim16", "dim32", "dim64", "paths"])
+@pytest.mark.parametrize("group", ["dim16", "dim32", "dim64", "paths", "compile"])
 def test_interpreter_against_float64_reference(group):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, CASES_SCRIPT, group], cwd=ROOT, env=env, capture_output=True,
@@ -199,28 +199,31 @@ def test_gpu_dispatch_auto_uses_kernel_and_falls_back():
         bigla(*odd)
 
 
+class Mixer(torch.nn.Module):
+    """A small BiGLA token mixer: projections, ViG gates, the op, output projection."""
+
+    def __init__(self, dim=192, heads=3, key_dim=32, value_dim=64):
+        super().__init__()
+        self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
+        self.qkvg = torch.nn.Linear(dim, heads * (4 * key_dim + value_dim))
+        self.out = torch.nn.Linear(heads * value_dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h, dk, dv = self.heads, self.key_dim, self.value_dim
+        q, k, v, zf, zb = self.qkvg(x).split([h * dk, h * dk, h * dv, h * dk, h * dk], -1)
+        q, k, zf, zb = (y.reshape(b, t, h, dk) for y in (q, k, zf, zb))
+        v = v.reshape(b, t, h, dv)
+        g_f, g_b = (F.logsigmoid(z.float()) / 16 for z in (zf, zb))
+        o = bigla(q, k, v, g_f, g_b)
+        return self.out(o.reshape(b, t, h * dv))
+
+
 @cuda
 @pytest.mark.gpu
 def test_gpu_mixer_training_step_matches_reference_path():
-    """A small BiGLA token mixer (projections, ViG gates, the op, output projection): one SGD step with the
-    fused kernel and one with the reference path give the same loss and parameter updates."""
-
-    class Mixer(torch.nn.Module):
-        def __init__(self, dim=192, heads=3, key_dim=32, value_dim=64):
-            super().__init__()
-            self.heads, self.key_dim, self.value_dim = heads, key_dim, value_dim
-            self.qkvg = torch.nn.Linear(dim, heads * (4 * key_dim + value_dim))
-            self.out = torch.nn.Linear(heads * value_dim, dim)
-
-        def forward(self, x):
-            b, t, _ = x.shape
-            h, dk, dv = self.heads, self.key_dim, self.value_dim
-            q, k, v, zf, zb = self.qkvg(x).split([h * dk, h * dk, h * dv, h * dk, h * dk], -1)
-            q, k, zf, zb = (y.reshape(b, t, h, dk) for y in (q, k, zf, zb))
-            v = v.reshape(b, t, h, dv)
-            g_f, g_b = (F.logsigmoid(z.float()) / 16 for z in (zf, zb))
-            o = bigla(q, k, v, g_f, g_b)
-            return self.out(o.reshape(b, t, h * dv))
+    """One SGD step of the mixer with the fused kernel and one with the reference path give the same loss and
+    parameter updates."""
 
     torch.manual_seed(0)
     x = torch.randn(8, 196, 192, device="cuda")
@@ -240,6 +243,28 @@ def test_gpu_mixer_training_step_matches_reference_path():
     assert abs(loss_t - loss_r) <= 1e-3 * abs(loss_r)
     for gt, gr in zip(grads_t, grads_r):
         assert _rms_ratio(gt, gr) < 1e-2
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_compiled_mixer_matches_eager():
+    """torch.compile (inductor, fullgraph: the op is one opaque node) gives the eager loss and gradients."""
+    torch.manual_seed(0)
+    model = Mixer().cuda()
+    x = torch.randn(8, 196, 192, device="cuda")
+
+    def step(module):
+        with kernels.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module(x).float().pow(2).mean()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return loss, grads
+
+    torch._dynamo.reset()
+    loss_e, grads_e = step(model)
+    loss_c, grads_c = step(torch.compile(model, fullgraph=True))
+    assert abs(loss_c.item() - loss_e.item()) <= 1e-3 * abs(loss_e.item())
+    for gc, ge in zip(grads_c, grads_e):
+        assert _rms_ratio(gc, ge) < 1e-2
 
 
 @cuda

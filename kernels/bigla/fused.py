@@ -47,6 +47,8 @@ FWD_WARPS = 4
 BWD_WARPS = 4
 VALUE_BLOCK = None  # value channels per program (None: min(V, 4096 // K))
 NUM_STAGES = None  # software-pipelining depth of the chunk loops (None: Triton's default)
+FWD_MAX_REGISTERS = None  # register cap per thread (ptxas maxnreg; None: the compiler's choice)
+BWD_MAX_REGISTERS = 168  # 3 backward programs per SM instead of 2, where that turns two waves into one
 PROGRAMS_PER_SM = 2
 MAX_SEGMENTS = 32
 
@@ -570,10 +572,12 @@ def unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:
     return "; ".join(problems) if problems else None
 
 
-def _launch(name, kernel, grid, *args, **kwargs):
+def _launch(name, kernel, grid, *args, max_registers=None, **kwargs):
     """Launch, retrying without software pipelining if the kernel does not fit in shared memory."""
     if NUM_STAGES:
         kwargs.setdefault("num_stages", NUM_STAGES)
+    if max_registers and not _interpreting():
+        kwargs["maxnreg"] = max_registers
     try:
         LAST_LAUNCH[name] = kernel[grid](*args, **kwargs)
     except triton.runtime.errors.OutOfResources:
@@ -607,6 +611,14 @@ def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: t
     cps = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
     ns = triton.cdiv(n_chunks, cps)
     return bt, bv, nv, ns, cps
+
+
+def _cap_backward(programs: int, segments: int, device: torch.device) -> bool:
+    """Whether to cap the backward's registers: uncapped it takes 255 registers (2 programs per SM), capped at
+    168 it spills but fits 3. Measured on an H200 (docs/kernels.md): 6-7% faster when that turns two waves
+    into one, 15% slower when the grid runs in several waves anyway or takes the segmented path."""
+    sms = _sm_count(device)
+    return segments == 1 and 2 * sms < programs <= 3 * sms
 
 
 def _dot_types(dtype: torch.dtype):
@@ -658,7 +670,8 @@ def _forward(q, k, v, g_fwd, g_bwd, scale, plan):
         q, k, v, g_fwd, g_bwd, o, stash, hf, hb, gtf, gtb,
         *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(o),
         length, heads, 0.5 * scale,
-        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=FWD_WARPS)
+        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=FWD_WARPS,
+        max_registers=FWD_MAX_REGISTERS)
     return o, ((hf, hb, gtf, gtb) if ns > 1 else ())
 
 
@@ -689,21 +702,26 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
         *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(do),
         *_strides(dqs), *_strides(dks), *_strides(dv), *_strides(dgfs), *_strides(dgbs), part_stride,
         length, heads, 0.5 * scale,
-        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=BWD_WARPS)
+        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=BWD_WARPS,
+        max_registers=BWD_MAX_REGISTERS if _cap_backward(bh * nv, ns, q.device) else None)
     if nv > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
         dgf, dgb = dgf.sum(0).to(g_fwd.dtype), dgb.sum(0).to(g_bwd.dtype)
     return dq, dk, dv, dgf, dgb
 
 
-class BiGLAFunction(torch.autograd.Function):
-    """Autograd wrapper: forward and backward are the fused Triton kernels; only inputs are saved."""
+# Two entry points to the same launchers. Eager calls go through an autograd.Function: the torch.library
+# dispatch costs about 55 us of host time per call (measured on the H200 machine), more than the whole forward
+# kernel at ViG-T 224. Under torch.compile the op is the registered custom op, one opaque node (no graph break,
+# no tracing into Triton) whose backward is registered with register_autograd. Either way only the inputs and,
+# for the long-sequence path, the tiny segment summaries are saved for backward.
 
+
+class _BiGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g_fwd, g_bwd, scale, chunk, segments):
         q, k, v, g_fwd, g_bwd = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
-        batch, length, heads, key_dim = q.shape
-        plan = _plan(batch * heads, length, key_dim, v.shape[-1], q.device, chunk, segments)
+        plan = _op_plan(q, v, chunk, segments)
         o, summaries = _forward(q, k, v, g_fwd, g_bwd, scale, plan)
         ctx.save_for_backward(q, k, v, g_fwd, g_bwd, *summaries)
         ctx.scale, ctx.plan = scale, plan
@@ -712,9 +730,75 @@ class BiGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, g_fwd, g_bwd, *summaries = ctx.saved_tensors
-        do = _last_dim_contiguous(do)
-        grads = _backward(q, k, v, g_fwd, g_bwd, do, ctx.scale, ctx.plan, summaries)
+        grads = _backward(q, k, v, g_fwd, g_bwd, _last_dim_contiguous(do), ctx.scale, ctx.plan, summaries)
         return (*grads, None, None, None)
+
+
+def _summary_shapes(q, v, plan):
+    batch, _, heads, key_dim = q.shape
+    ns = plan[3]
+    if ns == 1:
+        return ((0,),) * 4
+    state = (batch * heads, ns, key_dim, v.shape[-1])
+    total = (batch * heads, ns, key_dim)
+    return state, state, total, total
+
+
+def _op_plan(q, v, chunk, segments):
+    batch, length, heads, key_dim = q.shape
+    return _plan(batch * heads, length, key_dim, v.shape[-1], q.device, chunk or None, segments or None)
+
+
+@torch.library.custom_op("vig_kernels::bigla_fwd", mutates_args=())
+def _bigla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
+                  scale: float, chunk: int, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
+    """o and the forward segment summaries (hf, hb, gtf, gtb; empty for one-segment plans)."""
+    q, k, v, g_fwd, g_bwd = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
+    plan = _op_plan(q, v, chunk, segments)
+    o, summaries = _forward(q, k, v, g_fwd, g_bwd, scale, plan)
+    if not summaries:
+        summaries = tuple(q.new_empty(shape, dtype=torch.float32) for shape in _summary_shapes(q, v, plan))
+    return (o, *summaries)
+
+
+@_bigla_fwd_op.register_fake
+def _(q, k, v, g_fwd, g_bwd, scale, chunk, segments):
+    plan = _op_plan(q, v, chunk, segments)
+    summaries = (q.new_empty(shape, dtype=torch.float32) for shape in _summary_shapes(q, v, plan))
+    return (v.new_empty(v.shape), *summaries)
+
+
+@torch.library.custom_op("vig_kernels::bigla_bwd", mutates_args=())
+def _bigla_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
+                  do: torch.Tensor, hf: torch.Tensor, hb: torch.Tensor, gtf: torch.Tensor, gtb: torch.Tensor,
+                  scale: float, chunk: int, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
+    """dq, dk, dv, dg_fwd, dg_bwd."""
+    q, k, v, g_fwd, g_bwd, do = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd, do))
+    plan = _op_plan(q, v, chunk, segments)
+    summaries = (hf, hb, gtf, gtb) if plan[3] > 1 else ()
+    return _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries)
+
+
+@_bigla_bwd_op.register_fake
+def _(q, k, v, g_fwd, g_bwd, do, hf, hb, gtf, gtb, scale, chunk, segments):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, g_fwd, g_bwd))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g_fwd, g_bwd, scale, chunk, segments = inputs
+    ctx.save_for_backward(q, k, v, g_fwd, g_bwd, *output[1:])
+    ctx.scale, ctx.chunk, ctx.segments = scale, chunk, segments
+
+
+def _backward_rule(ctx, do, *unused_summary_grads):
+    saved = ctx.saved_tensors
+    grads = _bigla_bwd_op(*saved[:5], do, *saved[5:], ctx.scale, ctx.chunk, ctx.segments)
+    return (*grads, None, None, None)
+
+
+_bigla_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def bigla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
@@ -732,7 +816,9 @@ def bigla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.numel() == 0 or v.numel() == 0:  # empty batch or heads: nothing to launch, keep the graph connected
         return v.new_zeros(v.shape) + sum(x.sum() for x in (q, k, v, g_fwd, g_bwd)).to(v.dtype) * 0
-    return BiGLAFunction.apply(q, k, v, g_fwd, g_bwd, scale, chunk, segments)
+    if torch.compiler.is_compiling():
+        return _bigla_fwd_op(q, k, v, g_fwd, g_bwd, scale, chunk or 0, segments or 0)[0]
+    return _BiGLAFunction.apply(q, k, v, g_fwd, g_bwd, scale, chunk or 0, segments or 0)
 
 
-__all__ = ["GATE_MIN", "bigla_triton", "unsupported_reason", "BiGLAFunction"]
+__all__ = ["GATE_MIN", "bigla_triton", "unsupported_reason"]
