@@ -710,11 +710,12 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
     return dq, dk, dv, dgf, dgb
 
 
-# Two entry points to the same launchers. Eager calls go through an autograd.Function: the torch.library
-# dispatch costs about 55 us of host time per call (measured on the H200 machine), more than the whole forward
-# kernel at ViG-T 224. Under torch.compile the op is the registered custom op, one opaque node (no graph break,
-# no tracing into Triton) whose backward is registered with register_autograd. Either way only the inputs and,
-# for the long-sequence path, the tiny segment summaries are saved for backward.
+# Two entry points to the same launchers. Eager calls go through an autograd.Function: through the
+# torch.library op one eager fwd+bwd costs 1.5-1.9x the host time (benchmarks/bigla_host_overhead.py), more
+# than the kernels' GPU time at ViG-T 224. Under torch.compile the op is the registered custom op, one
+# opaque node (no graph break, no tracing into Triton) whose backward is registered with register_autograd.
+# Either way only the inputs and, for the long-sequence path, the tiny segment summaries are saved for
+# backward.
 
 
 class _BiGLAFunction(torch.autograd.Function):
