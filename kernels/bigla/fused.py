@@ -96,6 +96,12 @@ def _row(x, i: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
+def _seq_base(ptr, i_b, i_h, stride_b, stride_h):
+    """Pointer to element [i_b, 0, i_h, 0] of a [B, T, H, D] tensor (64-bit batch offset)."""
+    return ptr + i_b.to(tl.int64) * stride_b + i_h * stride_h
+
+
+@triton.jit
 def _load_rows(base, rows, rmask, stride_t, D: tl.constexpr):
     cols = tl.arange(0, D)
     ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
@@ -235,10 +241,10 @@ def _summary_kernel(X, Y, G1, G2, OUT1, OUT2, GT1, GT2,
     i_v = tl.program_id(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    x_base = X + i_b.to(tl.int64) * sx_b + i_h * sx_h
-    y_base = Y + i_b.to(tl.int64) * sy_b + i_h * sy_h + i_v * BV
-    g1_base = G1 + i_b.to(tl.int64) * s1_b + i_h * s1_h
-    g2_base = G2 + i_b.to(tl.int64) * s2_b + i_h * s2_h
+    x_base = _seq_base(X, i_b, i_h, sx_b, sx_h)
+    y_base = _seq_base(Y, i_b, i_h, sy_b, sy_h) + i_v * BV
+    g1_base = _seq_base(G1, i_b, i_h, s1_b, s1_h)
+    g2_base = _seq_base(G2, i_b, i_h, s2_b, s2_h)
 
     acc1 = tl.zeros([K, BV], dtype=tl.float32)
     acc2 = tl.zeros([K, BV], dtype=tl.float32)
@@ -295,12 +301,12 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, HF, HB, GTF, GTB,
     NV = tl.num_programs(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    q_base = Q + i_b.to(tl.int64) * sq_b + i_h * sq_h
-    k_base = Kp + i_b.to(tl.int64) * sk_b + i_h * sk_h
-    v_base = V + i_b.to(tl.int64) * sv_b + i_h * sv_h + i_v * BV
-    gf_base = GF + i_b.to(tl.int64) * sf_b + i_h * sf_h
-    gb_base = GB + i_b.to(tl.int64) * sg_b + i_h * sg_h
-    o_base = O + i_b.to(tl.int64) * so_b + i_h * so_h + i_v * BV
+    q_base = _seq_base(Q, i_b, i_h, sq_b, sq_h)
+    k_base = _seq_base(Kp, i_b, i_h, sk_b, sk_h)
+    v_base = _seq_base(V, i_b, i_h, sv_b, sv_h) + i_v * BV
+    gf_base = _seq_base(GF, i_b, i_h, sf_b, sf_h)
+    gb_base = _seq_base(GB, i_b, i_h, sg_b, sg_h)
+    o_base = _seq_base(O, i_b, i_h, so_b, so_h) + i_v * BV
     st_base = STASH + (((i_s * BH + i_bh) * NV + i_v) * CPS).to(tl.int64) * (K * BV)
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
 
@@ -392,18 +398,18 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF,
     NV = tl.num_programs(2)
     i_b = i_bh // H
     i_h = i_bh % H
-    q_base = Q + i_b.to(tl.int64) * sq_b + i_h * sq_h
-    k_base = Kp + i_b.to(tl.int64) * sk_b + i_h * sk_h
-    v_base = V + i_b.to(tl.int64) * sv_b + i_h * sv_h + i_v * BV
-    gf_base = GF + i_b.to(tl.int64) * sf_b + i_h * sf_h
-    gb_base = GB + i_b.to(tl.int64) * sg_b + i_h * sg_h
-    do_base = DO + i_b.to(tl.int64) * sd_b + i_h * sd_h + i_v * BV
+    q_base = _seq_base(Q, i_b, i_h, sq_b, sq_h)
+    k_base = _seq_base(Kp, i_b, i_h, sk_b, sk_h)
+    v_base = _seq_base(V, i_b, i_h, sv_b, sv_h) + i_v * BV
+    gf_base = _seq_base(GF, i_b, i_h, sf_b, sf_h)
+    gb_base = _seq_base(GB, i_b, i_h, sg_b, sg_h)
+    do_base = _seq_base(DO, i_b, i_h, sd_b, sd_h) + i_v * BV
     part = i_v.to(tl.int64) * part_stride  # dq, dk, dg are per-value-block partials when NV > 1
-    dq_base = DQ + part + i_b.to(tl.int64) * sdq_b + i_h * sdq_h
-    dk_base = DK + part + i_b.to(tl.int64) * sdk_b + i_h * sdk_h
-    dv_base = DVp + i_b.to(tl.int64) * sdv_b + i_h * sdv_h + i_v * BV
-    dgf_base = DGF + part + i_b.to(tl.int64) * sdf_b + i_h * sdf_h
-    dgb_base = DGB + part + i_b.to(tl.int64) * sdg_b + i_h * sdg_h
+    dq_base = _seq_base(DQ, i_b, i_h, sdq_b, sdq_h) + part
+    dk_base = _seq_base(DK, i_b, i_h, sdk_b, sdk_h) + part
+    dv_base = _seq_base(DVp, i_b, i_h, sdv_b, sdv_h) + i_v * BV
+    dgf_base = _seq_base(DGF, i_b, i_h, sdf_b, sdf_h) + part
+    dgb_base = _seq_base(DGB, i_b, i_h, sdg_b, sdg_h) + part
     st_base = STASH + (((i_s * BH + i_bh) * NV + i_v) * CPS * 2).to(tl.int64) * (K * BV)
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
 
@@ -616,7 +622,7 @@ def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: t
 def _cap_backward(programs: int, segments: int, device: torch.device) -> bool:
     """Whether to cap the backward's registers: uncapped it takes 255 registers (2 programs per SM), capped at
     168 it spills but fits 3. Measured on an H200 (docs/kernels.md): 6-7% faster when that turns two waves
-    into one, 15% slower when the grid runs in several waves anyway or takes the segmented path."""
+    into one, 15-16% slower when the grid runs in several waves anyway and 24% on the segmented path."""
     sms = _sm_count(device)
     return segments == 1 and 2 * sms < programs <= 3 * sms
 
@@ -718,20 +724,32 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
 # backward.
 
 
+def _run_forward(q, k, v, g_fwd, g_bwd, scale, chunk, segments):
+    """The forward launch: (inputs with unit last-dim stride, o, segment summaries or ())."""
+    inputs = tuple(_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
+    o, summaries = _forward(*inputs, scale, _op_plan(inputs[0], inputs[2], chunk, segments))
+    return inputs, o, summaries
+
+
+def _run_backward(q, k, v, g_fwd, g_bwd, do, summaries, scale, chunk, segments):
+    """The backward launch: dq, dk, dv, dg_fwd, dg_bwd (summaries are ignored for one-segment plans)."""
+    q, k, v, g_fwd, g_bwd, do = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd, do))
+    plan = _op_plan(q, v, chunk, segments)
+    return _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, tuple(summaries) if plan[3] > 1 else ())
+
+
 class _BiGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g_fwd, g_bwd, scale, chunk, segments):
-        q, k, v, g_fwd, g_bwd = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
-        plan = _op_plan(q, v, chunk, segments)
-        o, summaries = _forward(q, k, v, g_fwd, g_bwd, scale, plan)
-        ctx.save_for_backward(q, k, v, g_fwd, g_bwd, *summaries)
-        ctx.scale, ctx.plan = scale, plan
+        inputs, o, summaries = _run_forward(q, k, v, g_fwd, g_bwd, scale, chunk, segments)
+        ctx.save_for_backward(*inputs, *summaries)
+        ctx.scale, ctx.chunk, ctx.segments = scale, chunk, segments
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, g_fwd, g_bwd, *summaries = ctx.saved_tensors
-        grads = _backward(q, k, v, g_fwd, g_bwd, _last_dim_contiguous(do), ctx.scale, ctx.plan, summaries)
+        saved = ctx.saved_tensors
+        grads = _run_backward(*saved[:5], do, saved[5:], ctx.scale, ctx.chunk, ctx.segments)
         return (*grads, None, None, None)
 
 
@@ -755,10 +773,9 @@ def _bigla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torc
                   scale: float, chunk: int, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor, torch.Tensor]:
     """o and the forward segment summaries (hf, hb, gtf, gtb; empty for one-segment plans)."""
-    q, k, v, g_fwd, g_bwd = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
-    plan = _op_plan(q, v, chunk, segments)
-    o, summaries = _forward(q, k, v, g_fwd, g_bwd, scale, plan)
+    _, o, summaries = _run_forward(q, k, v, g_fwd, g_bwd, scale, chunk, segments)
     if not summaries:
+        plan = _op_plan(q, v, chunk, segments)
         summaries = tuple(q.new_empty(shape, dtype=torch.float32) for shape in _summary_shapes(q, v, plan))
     return (o, *summaries)
 
@@ -776,10 +793,7 @@ def _bigla_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torc
                   scale: float, chunk: int, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor, torch.Tensor]:
     """dq, dk, dv, dg_fwd, dg_bwd."""
-    q, k, v, g_fwd, g_bwd, do = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd, do))
-    plan = _op_plan(q, v, chunk, segments)
-    summaries = (hf, hb, gtf, gtb) if plan[3] > 1 else ()
-    return _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries)
+    return _run_backward(q, k, v, g_fwd, g_bwd, do, (hf, hb, gtf, gtb), scale, chunk, segments)
 
 
 @_bigla_bwd_op.register_fake
