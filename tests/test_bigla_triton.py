@@ -94,6 +94,22 @@ def test_shape_errors_are_clear():
         bigla(q[0], k, v, g_f, g_b)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("programs, tokens, segments, chunks_per_segment", [
+    (1, 196, 5, 3),     # a short sequence on an empty GPU: split into segments of 3 chunks
+    (4, 196, 1, 13),    # half the target grid: the split would leave segments of 7 chunks, so none
+    (4, 1024, 2, 32),   # a long sequence: split to fill the target grid
+    (8, 196, 1, 13),    # the target grid (2 programs per SM) is full
+    (8, 4096, 1, 256),
+])
+def test_segment_plan(programs, tokens, segments, chunks_per_segment):
+    from kernels.bigla import fused
+    # a CPU device stands for 4 SMs, so the target grid is 8 programs
+    plan = fused._plan(programs, tokens, 32, 64, torch.device("cpu"))
+    assert plan[3:] == (segments, chunks_per_segment)
+    assert plan[3] * plan[4] >= -(-tokens // fused.CHUNK)
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------------
