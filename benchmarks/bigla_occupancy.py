@@ -32,15 +32,16 @@ def one_segment(q, k, v, g_fwd, g_bwd):
     return fused.bigla_triton(q, k, v, g_fwd, g_bwd, segments=1)
 
 
-def previous_plan_segments(programs, chunks, sms):
-    """The split before MIN_SPLIT_CHUNKS: always fill PROGRAMS_PER_SM programs per SM."""
-    if programs >= fused.PROGRAMS_PER_SM * sms:
-        return 1
-    segments = min(-(-fused.PROGRAMS_PER_SM * sms // programs), fused.MAX_SEGMENTS)
-    return max(1, min(segments, chunks // 2))
+def previous_plan_segments(batch_heads, tokens):
+    """The launcher's split without the short-sequence rule (MIN_SPLIT_CHUNKS = 0): fill 2 programs per SM."""
+    kept, fused.MIN_SPLIT_CHUNKS = fused.MIN_SPLIT_CHUNKS, 0
+    try:
+        return fused._plan(batch_heads, tokens, 32, 64, torch.device("cuda"))[3]
+    finally:
+        fused.MIN_SPLIT_CHUNKS = kept
 
 
-def segment_plans(sms):
+def segment_plans():
     """One segment, the previous split and the launcher's current plan, for grids below 2 programs per SM."""
     print("\nViG-T heads, graph replay: fwd / fwd+bwd µs with one segment, the previous split (fill 2 programs per "
           "SM) and the current plan")
@@ -50,7 +51,7 @@ def segment_plans(sms):
                           (32, 1024), (32, 2048), (8, 4096)):
         make = lambda grad, b=batch, t=tokens: make_gla_inputs(b, t, HEADS, "cuda", grad)  # noqa: E731
         chunks = -(-tokens // 16)
-        previous = previous_plan_segments(batch * HEADS, chunks, sms)
+        previous = previous_plan_segments(batch * HEADS, tokens)
         current = fused._plan(batch * HEADS, tokens, 32, 64, torch.device("cuda"))[3]
         cells = []
         for segments in (1, previous, current):
@@ -77,7 +78,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for batch, programs, per_sm, fwd, fwd_bwd, regs in rows:
         print(f"| {batch} | {programs} | {per_sm:.2f} | {fwd:.1f} | {fwd_bwd:.1f} | {regs} |")
-    segment_plans(sms)
+    segment_plans()
 
 
 if __name__ == "__main__":

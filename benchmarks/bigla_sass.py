@@ -33,6 +33,7 @@ from kernels.bigla import fused  # noqa: E402
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+FAMILIES = ("SHFL", "BAR", "LDS", "STS", "HMMA", "MUFU")  # LDS also counts LDSM (ldmatrix) loads
 OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
@@ -106,8 +107,10 @@ def report(name, compiled, show_lines: int, source):
           f"{total} SASS instructions")
     for first, last in loops(sass):
         opcodes, per_line, line_opcodes = profile(sass, first, last)
+        families = ", ".join(f"{family} {sum(n for op, n in opcodes.items() if op.startswith(family))}"
+                             for family in FAMILIES)
         mix = ", ".join(f"{op} {n}" for op, n in opcodes.most_common(10))
-        print(f"  loop of {sum(opcodes.values())} instructions per warp per step: {mix}")
+        print(f"  loop of {sum(opcodes.values())} instructions per warp per step ({families}): {mix}")
         for line, count in per_line.most_common(show_lines):
             text = source[line - 1].strip()[:70] if line else "?"
             ops = ", ".join(f"{op} {n}" for op, n in line_opcodes[line].most_common(4))

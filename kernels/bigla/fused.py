@@ -618,7 +618,7 @@ def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: t
         segments = max(1, min(segments, n_chunks // 2))
         if n_chunks < MIN_SPLIT_CHUNKS and triton.cdiv(n_chunks, segments) > SHORT_SEGMENT_CHUNKS:
             # The summary launch and its chain cost more than the split saves here. H200, ViG-T heads, 196
-            # tokens: 96 programs in 3 segments of 5 chunks are 26% slower than unsplit, 48 programs in 6 of 3
+            # tokens: 96 programs in 3 segments of 5 chunks are 26% slower than unsplit, 48 programs in 5 of 3
             # are 1.9x faster (benchmarks/bigla_occupancy.py).
             segments = 1
     cps = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
