@@ -2,7 +2,7 @@
 
     python benchmarks/bigla.py                      # all ViG shapes, writes benchmarks/results/bigla.md
     python benchmarks/bigla.py --shapes quick       # three representative shapes
-    python benchmarks/bigla.py --configs 32:4:8,64:4:8 --shapes quick --no-baselines   # tuning sweep
+    python benchmarks/bigla.py --configs 4:4,4:8 --shapes quick --no-baselines   # tuning sweep
 
 Per shape (ViG-T/S/B heads, d_k = 32, d_v = 64; bf16 q, k, v, o; fp32 log-gates ``logsigmoid(z)/16``):
 (a) this kernel, ``kernels.bigla.fused.bigla_triton``;
@@ -192,19 +192,19 @@ def check(heads, length, device):
 
 
 def set_config(cfg):
-    """chunk:fwd_warps:bwd_warps[:value_block[:programs_per_sm[:num_stages[:fwd_maxnreg[:bwd_maxnreg]]]]],
+    """fwd_warps:bwd_warps[:value_block[:programs_per_sm[:num_stages[:fwd_maxnreg[:bwd_maxnreg]]]]],
     0 = default."""
     vals = [int(x) for x in cfg.split(":")] + [0] * 5
-    fused.CHUNK, fused.FWD_WARPS, fused.BWD_WARPS = vals[:3]
-    fused.VALUE_BLOCK = vals[3] or None
-    fused.PROGRAMS_PER_SM = vals[4] or 2
-    fused.NUM_STAGES = vals[5] or None
-    fused.FWD_MAX_REGISTERS = vals[6] or None
-    fused.BWD_MAX_REGISTERS = vals[7] or None
+    fused.FWD_WARPS, fused.BWD_WARPS = vals[:2]
+    fused.VALUE_BLOCK = vals[2] or None
+    fused.PROGRAMS_PER_SM = vals[3] or 2
+    fused.NUM_STAGES = vals[4] or None
+    fused.FWD_MAX_REGISTERS = vals[5] or None
+    fused.BWD_MAX_REGISTERS = vals[6] or None
 
 
 def current_config():
-    return (f"chunk {fused.CHUNK}, warps fwd {fused.FWD_WARPS} / bwd {fused.BWD_WARPS}, value block "
+    return (f"warps fwd {fused.FWD_WARPS} / bwd {fused.BWD_WARPS}, value block "
             f"{fused.VALUE_BLOCK or 'auto'}, programs/SM target {fused.PROGRAMS_PER_SM}, stages "
             f"{fused.NUM_STAGES or 'default'}, register cap fwd {fused.FWD_MAX_REGISTERS or 'none'} / bwd "
             f"{fused.BWD_MAX_REGISTERS or 'none'}")
@@ -215,7 +215,7 @@ def main():
     ap.add_argument("--shapes", default="all", choices=["all", "quick"])
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench repetition time per measurement (ms)")
     ap.add_argument("--configs", default=None,
-                    help="chunk:fwd_warps:bwd_warps[:bv[:pps[:stages[:fwd_maxnreg[:bwd_maxnreg]]]]],... sweep")
+                    help="fwd_warps:bwd_warps[:bv[:pps[:stages[:fwd_maxnreg[:bwd_maxnreg]]]]],... sweep")
     ap.add_argument("--then-full", action="store_true", help="after the sweep, run the full table with the best")
     ap.add_argument("--config", default=None, help="configuration of ours for the table")
     ap.add_argument("--no-baselines", action="store_true")
@@ -257,7 +257,7 @@ def main():
                 print(f"{model} T={length} B={batch} cfg={cfg}: fwd {f * 1e3:.1f} us, fwd+bwd {fb * 1e3:.1f} us "
                       f"[plan {fused._plan(batch * heads, length, KEY_DIM, VALUE_DIM, device)}; {diag}]", flush=True)
                 fused.LAST_LAUNCH.clear()
-        print("\n| model | T | B | chunk:fwd_warps:bwd_warps[:bv:pps:stages:fwd_maxnreg:bwd_maxnreg] | fwd us | "
+        print("\n| model | T | B | fwd_warps:bwd_warps[:bv:pps:stages:fwd_maxnreg:bwd_maxnreg] | fwd us | "
               "fwd+bwd us |\n"
               "|---|---|---|---|---|---|")
         for r in rows:

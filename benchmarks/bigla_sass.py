@@ -127,7 +127,6 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--segments", type=int, default=1, help="segments per sequence (1: the one-launch path; "
                     "the summary kernel of longer plans is not analysed)")
-    ap.add_argument("--chunk", type=int, default=None)
     ap.add_argument("--fwd-max-registers", type=int, default=fused.FWD_MAX_REGISTERS)
     ap.add_argument("--bwd-max-registers", type=int, default=None,
                     help=f"ptxas register cap of the backward (the launcher applies {fused.BWD_MAX_REGISTERS} "
@@ -137,8 +136,7 @@ def main():
 
     dtype = getattr(torch, args.dtype)
     B, T, H, K, V = args.batch, args.tokens, args.heads, args.key_dim, args.value_dim
-    bt, bv, nv, ns, cps = fused._plan(B * H, T, K, V, torch.device("cpu"), chunk=args.chunk,
-                                      segments=args.segments)
+    bt, bv, nv, ns, cps = fused._plan(B * H, T, K, V, torch.device("cpu"), segments=args.segments)
     dot, prec, stash_dtype = fused._dot_types(dtype)
     qk_strides = {"b": T * H * K, "t": H * K, "h": K}
     v_strides = {"b": T * H * V, "t": H * V, "h": V}

@@ -51,7 +51,7 @@ def rms_ratio(out, ref):
     return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
-def run_case(batch, length, heads, key_dim, value_dim, gate="weak", chunk=None, segments=None,
+def run_case(batch, length, heads, key_dim, value_dim, gate="weak", segments=None,
              noncontiguous=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(batch, length, heads, key_dim, generator=gen) for _ in range(2))
@@ -64,7 +64,7 @@ def run_case(batch, length, heads, key_dim, value_dim, gate="weak", chunk=None, 
     if noncontiguous:  # q, k, v with a last-dim stride of 2; gates in [B, H, T, K] memory order
         inputs = [torch.stack([x, x], -1)[..., 0] for x in leaves[:3]]
         inputs += [x.transpose(1, 2).contiguous().transpose(1, 2) for x in leaves[3:]]
-    out = bigla_triton(*inputs, chunk=chunk, segments=segments)
+    out = bigla_triton(*inputs, segments=segments)
     (out * do).sum().backward()
 
     ref_leaves = [x.double().clone().requires_grad_() for x in (q, k, v, g_f, g_b)]
@@ -86,7 +86,7 @@ def run_case(batch, length, heads, key_dim, value_dim, gate="weak", chunk=None, 
         ratios.append(r)
         if r >= TOL and (a.double() - b.double()).abs().max().item() > 1e-6:
             failures.append(f"{name} ratio {r:.2e}")
-    desc = (f"B={batch} T={length} H={heads} K={key_dim} V={value_dim} gate={gate} chunk={chunk} "
+    desc = (f"B={batch} T={length} H={heads} K={key_dim} V={value_dim} gate={gate} "
             f"segments={segments} noncontiguous={noncontiguous}")
     print(f"{'FAIL' if failures else 'ok  '} {desc}: " + " ".join(f"{n}={r:.1e}" for n, r in zip(names, ratios))
           + ("  <- " + ", ".join(failures) if failures else ""), flush=True)
@@ -103,12 +103,10 @@ CASES = {
     "dim16": _lengths(16, 32, "weak") + _lengths(16, 32, "strong", lengths=(7, 65, 196)),
     "dim32": _lengths(32, 64, "weak") + _lengths(32, 64, "strong", lengths=(1, 64, 300)),
     "dim64": _lengths(64, 64, "weak", lengths=(1, 7, 63, 64, 65, 196)) + _lengths(64, 64, "strong", lengths=(65,)),
-    # the other code paths: chunk sizes, segments (long-sequence path), value blocks (NV > 1), layouts
+    # the other code paths: segments (long-sequence path), value blocks (NV > 1), layouts
     "paths": [
-        dict(batch=1, length=65, heads=1, key_dim=16, value_dim=32, gate="typical", chunk=32),
-        dict(batch=1, length=196, heads=1, key_dim=32, value_dim=64, gate="strong", chunk=32),
-        dict(batch=1, length=300, heads=1, key_dim=16, value_dim=32, gate="typical", chunk=32, segments=3),
-        dict(batch=1, length=130, heads=1, key_dim=16, value_dim=32, gate="strong", chunk=64),
+        dict(batch=1, length=300, heads=1, key_dim=32, value_dim=64, gate="strong", segments=5),
+        dict(batch=1, length=130, heads=1, key_dim=16, value_dim=32, gate="typical", segments=9),
         dict(batch=1, length=100, heads=1, key_dim=16, value_dim=32, gate="saturated"),
         dict(batch=1, length=300, heads=1, key_dim=16, value_dim=32, gate="typical", segments=3),
         dict(batch=1, length=196, heads=1, key_dim=32, value_dim=64, gate="strong", segments=4),
@@ -128,7 +126,7 @@ def compile_cases():
         q, k = (torch.randn(2, 70, 2, 16, generator=gen, requires_grad=True) for _ in range(2))
         v = torch.randn(2, 70, 2, 32, generator=gen, requires_grad=True)
         g_f, g_b = (weak(torch.randn(2, 70, 2, 16, generator=gen)).requires_grad_() for _ in range(2))
-        args = (q, k, v, g_f, g_b, 0.25, 0, segments)
+        args = (q, k, v, g_f, g_b, 0.25, segments)
         report = torch.library.opcheck(torch.ops.vig_kernels.bigla_fwd.default, args)
         failed = {name: result for name, result in report.items() if result != "SUCCESS"}
 

@@ -7,12 +7,10 @@ that range. See ``docs/kernels.md`` for the algorithm, the numerics and why the 
 
 Algorithm (per batch element, head and block of value channels):
 
-* The sequence is cut into chunks of ``BT`` tokens (16 by default; 32 and 64 supported). Inside a chunk the
-  pairwise decays ``exp(F_t - F_s)`` are factorised per 16-row block with the reference at the block's row 7
-  (for a single block: half the chunk's gate total), so every rescaled operand carries at most ``8 * |g|``
-  nats; across 16-row blocks a factor ``exp(F_ref_i - F_ref_j) <= 1``, applied in two steps, moves the key
-  side to the query block's reference. Between chunks two fp32 states carry the
-  forward prefix and the backward suffix; every state exponent is ``<= 0``.
+* The sequence is cut into chunks of ``CHUNK`` = 16 tokens. Inside a chunk the pairwise decays
+  ``exp(F_t - F_s)`` are factorised with the reference at half the chunk's gate total, so every rescaled
+  operand carries at most ``8 * |g|`` nats. Between chunks two fp32 states carry the forward prefix and the
+  backward suffix; every state exponent is ``<= 0``.
 * A program owns a *segment* of consecutive chunks. Pass 1 walks the segment backwards and stashes the
   state(s) that flow from the right (the backward-direction state, and in the backward kernel also the
   gradient of the forward state) in a small workspace; pass 2 walks forwards, carries the left-flowing
@@ -41,8 +39,9 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+CHUNK = 16  # tokens per chunk step
+
 # Tunables (swept on an H200, see docs/kernels.md).
-CHUNK = 16
 FWD_WARPS = 4
 BWD_WARPS = 4
 VALUE_BLOCK = None  # value channels per program (None: min(V, 4096 // K))
@@ -69,32 +68,11 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # small jit helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _expand(x, NB: tl.constexpr, D: tl.constexpr):
-    """[NB, D] -> [NB * 16, D]: row i of x repeated for the 16 rows of block i."""
-    if NB == 1:
-        return tl.broadcast_to(x, (16, D))
-    else:
-        return tl.reshape(tl.broadcast_to(x[:, None, :], (NB, 16, D)), (NB * 16, D))
-
-
-@triton.jit
-def _block_rows(x, ROW: tl.constexpr, NB: tl.constexpr, D: tl.constexpr):
-    """Row ROW of each 16-row block of x [NB * 16, D] -> [NB, D]."""
-    x3 = tl.reshape(x, (NB, 16, D))
-    sel = tl.arange(0, 16) == ROW
-    return tl.sum(tl.where(sel[None, :, None], x3, 0.0), axis=1)
-
-
-@triton.jit
-def _row(x, i: tl.constexpr, NB: tl.constexpr):
-    """Row i of x [NB, D] -> [D]."""
-    if NB == 1:
-        return tl.sum(x, axis=0)
-    else:
-        return tl.sum(tl.where(tl.arange(0, NB)[:, None] == i, x, 0.0), axis=0)
+# Key-dim tiles ([rows, K] of q, k, the gates and their gradients) are held as [rows, K // 8, 8]: Triton then
+# lays the rows of each group of 8 channels across the lanes of one warp and the groups across warps, so the
+# chunk's cumulative sums and totals along rows stay inside a warp (shuffles) instead of crossing warps
+# through shared memory and barriers, as they do in a [rows, K] tile. They are flattened to [rows, K] only
+# as dot operands. Measured on the ViG-T forward (benchmarks/bigla_sass.py, docs/kernels.md).
 
 
 @triton.jit
@@ -105,16 +83,10 @@ def _seq_base(ptr, i_b, i_h, stride_b, stride_h):
 
 @triton.jit
 def _load_rows(base, rows, rmask, stride_t, D: tl.constexpr):
+    """A [rows, D] tile of a value-dim tensor, in fp32."""
     cols = tl.arange(0, D)
     ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
     return tl.load(ptrs, mask=rmask[:, None], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_gate(base, rows, rmask, stride_t, D: tl.constexpr):
-    """Gate tile clamped to [GATE_MIN, 0] and converted to log2 units (padding rows are 0)."""
-    g = _load_rows(base, rows, rmask, stride_t, D)
-    return tl.minimum(tl.maximum(g, _GMIN), 0.0) * _LOG2E
 
 
 @triton.jit
@@ -125,89 +97,44 @@ def _store_rows(base, rows, rmask, stride_t, x, D: tl.constexpr):
 
 
 @triton.jit
-def _chunk_sums(gf2, gb2, NB: tl.constexpr, K: tl.constexpr):
-    """Chunk-local sums of both directions (log2 units) and their values at the block rows.
-
-    F: inclusive prefix sum of the forward gate, R: inclusive suffix sum of the backward gate; Gf, Gb: chunk
-    totals; fm, rm: F, R at the reference row (row 7) of each 16-row block, [NB, K]; Fref, Rref: the
-    reference of each row's own block, [BT, K].
-    """
-    F = tl.cumsum(gf2, axis=0)
-    R = tl.cumsum(gb2, axis=0, reverse=True)
-    Gf = tl.sum(gf2, axis=0)
-    Gb = tl.sum(gb2, axis=0)
-    if NB == 1:
-        # one 16-row block: reference at half the chunk total, F, R in [G, 0] so |exponent| <= 8 |g|max,
-        # the same bound as row 7 without extracting a row
-        fm = (0.5 * Gf)[None, :]
-        rm = (0.5 * Gb)[None, :]
-    else:
-        fm = _block_rows(F, 7, NB, K)
-        rm = _block_rows(R, 7, NB, K)
-    return F, R, Gf, Gb, fm, rm, _expand(fm, NB, K), _expand(rm, NB, K)
-
-
-# The factors below turn an operand rescaled to its own block's reference row into one rescaled to the
-# reference row of another block. The factor is applied in two steps through the block boundary in
-# between: the first step lands on a value whose true size is <= 1 (an underflow to 0 there is harmless:
-# the pair's weight is then below e^-31), the second step is >= e^(-8 |g|max) and cannot underflow.
-# Multiplying the two steps first would underflow at strong decays (e^-128 over 16 tokens at g = -8).
+def _key_ptrs(base, rows, stride_t, K: tl.constexpr):
+    groups = tl.arange(0, K // 8)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    return base + rows[:, None, None].to(tl.int64) * stride_t + groups
 
 
 @triton.jit
-def _key_factor_f(kf, F, fm, i: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
-    """kf = k*exp(Fm_own - F) -> k*exp(Fm_i - F) for key blocks j <= i, 0 for j > i (forward)."""
-    if i == 0:
-        return tl.where((tl.arange(0, NB * 16) < 16)[:, None], kf, 0.0)
-    else:
-        nb = tl.arange(0, NB)[:, None]
-        fs = _row(_block_rows(F, 0, NB, K), i, NB)  # F at the first row of block i
-        fmi = _row(fm, i, NB)
-        a = tl.where(nb < i, tl.exp2(fs[None, :] - fm), tl.where(nb == i, 1.0, 0.0))
-        b = tl.where(nb < i, tl.exp2(fmi - fs)[None, :], 1.0)
-        return (kf * _expand(a, NB, K)) * _expand(b, NB, K)
+def _load_keys(base, rows, rmask, stride_t, K: tl.constexpr):
+    """A [rows, K // 8, 8] tile of a key-dim tensor, in fp32."""
+    return tl.load(_key_ptrs(base, rows, stride_t, K), mask=rmask[:, None, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _key_factor_b(kb, R, rm, i: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
-    """kb = k*exp(Rm_own - R) -> k*exp(Rm_i - R) for key blocks j >= i, 0 for j < i (backward)."""
-    if i == NB - 1:
-        return tl.where((tl.arange(0, NB * 16) >= 16 * i)[:, None], kb, 0.0)
-    else:
-        nb = tl.arange(0, NB)[:, None]
-        rl = _row(_block_rows(R, 15, NB, K), i, NB)  # R at the last row of block i
-        rmi = _row(rm, i, NB)
-        a = tl.where(nb > i, tl.exp2(rl[None, :] - rm), tl.where(nb == i, 1.0, 0.0))
-        b = tl.where(nb > i, tl.exp2(rmi - rl)[None, :], 1.0)
-        return (kb * _expand(a, NB, K)) * _expand(b, NB, K)
+def _store_keys(base, rows, rmask, stride_t, x, K: tl.constexpr):
+    tl.store(_key_ptrs(base, rows, stride_t, K), x.to(base.dtype.element_ty), mask=rmask[:, None, None])
 
 
 @triton.jit
-def _query_factor_f(qf, F, fm, j: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
-    """qf = q*exp(F - Fm_own) -> q*exp(F - Fm_j) for query blocks i >= j, 0 for i < j (forward)."""
-    if j == NB - 1:
-        return tl.where((tl.arange(0, NB * 16) >= 16 * j)[:, None], qf, 0.0)
-    else:
-        nb = tl.arange(0, NB)[:, None]
-        fl = _row(_block_rows(F, 15, NB, K), j, NB)  # F at the last row of block j
-        fmj = _row(fm, j, NB)
-        a = tl.where(nb > j, tl.exp2(fm - fl[None, :]), tl.where(nb == j, 1.0, 0.0))
-        b = tl.where(nb > j, tl.exp2(fl - fmj)[None, :], 1.0)
-        return (qf * _expand(a, NB, K)) * _expand(b, NB, K)
+def _clamp_gate(g):
+    """Gates clamped to [GATE_MIN, 0] and converted to log2 units (padding rows are 0)."""
+    return tl.minimum(tl.maximum(g, _GMIN), 0.0) * _LOG2E
 
 
 @triton.jit
-def _query_factor_b(qb, R, rm, j: tl.constexpr, NB: tl.constexpr, K: tl.constexpr):
-    """qb = q*exp(R - Rm_own) -> q*exp(R - Rm_j) for query blocks i <= j, 0 for i > j (backward)."""
-    if j == 0:
-        return tl.where((tl.arange(0, NB * 16) < 16)[:, None], qb, 0.0)
-    else:
-        nb = tl.arange(0, NB)[:, None]
-        rs = _row(_block_rows(R, 0, NB, K), j, NB)  # R at the first row of block j
-        rmj = _row(rm, j, NB)
-        a = tl.where(nb < j, tl.exp2(rm - rs[None, :]), tl.where(nb == j, 1.0, 0.0))
-        b = tl.where(nb < j, tl.exp2(rs - rmj)[None, :], 1.0)
-        return (qb * _expand(a, NB, K)) * _expand(b, NB, K)
+def _flat(x, K: tl.constexpr):
+    """[rows, K // 8, 8] -> [rows, K] (a dot operand)."""
+    return tl.reshape(x, (x.shape[0], K))
+
+
+@triton.jit
+def _grouped(x, K: tl.constexpr):
+    """[rows, K] -> [rows, K // 8, 8]."""
+    return tl.reshape(x, (x.shape[0], K // 8, 8))
+
+
+@triton.jit
+def _channels(x, K: tl.constexpr):
+    """[K // 8, 8] -> [K] (per-channel factors of a [K, V] state)."""
+    return tl.reshape(x, (K,))
 
 
 @triton.jit
@@ -250,15 +177,15 @@ def _summary_kernel(X, Y, G1, G2, OUT1, OUT2, GT1, GT2,
 
     acc1 = tl.zeros([K, BV], dtype=tl.float32)
     acc2 = tl.zeros([K, BV], dtype=tl.float32)
-    gsum1 = tl.zeros([K], dtype=tl.float32)
-    gsum2 = tl.zeros([K], dtype=tl.float32)
+    gsum1 = tl.zeros([K // 8, 8], dtype=tl.float32)
+    gsum2 = tl.zeros([K // 8, 8], dtype=tl.float32)
     for cc in range(0, CPS):
         rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
         rmask = rows < T
-        x = _load_rows(x_base, rows, rmask, sx_t, K) * xscale
+        x = _load_keys(x_base, rows, rmask, sx_t, K) * xscale
         y = _load_rows(y_base, rows, rmask, sy_t, BV).to(DOT)
-        g1 = _load_gate(g1_base, rows, rmask, s1_t, K)
-        g2 = _load_gate(g2_base, rows, rmask, s2_t, K)
+        g1 = _clamp_gate(_load_keys(g1_base, rows, rmask, s1_t, K))
+        g2 = _clamp_gate(_load_keys(g2_base, rows, rmask, s2_t, K))
         tot1 = tl.sum(g1, axis=0)
         tot2 = tl.sum(g2, axis=0)
         e1 = tl.cumsum(g1, axis=0, reverse=True)
@@ -266,9 +193,9 @@ def _summary_kernel(X, Y, G1, G2, OUT1, OUT2, GT1, GT2,
         if not INCL:
             e1 = e1 - g1
             e2 = e2 - g2
-        x1 = (x * tl.exp2(e1)).to(DOT)
-        acc1 = acc1 * tl.exp2(tot1)[:, None] + tl.dot(tl.trans(x1), y, input_precision=PREC)
-        x2 = (x * tl.exp2(gsum2[None, :] + e2)).to(DOT)
+        x1 = _flat(x * tl.exp2(e1), K).to(DOT)
+        acc1 = acc1 * tl.exp2(_channels(tot1, K))[:, None] + tl.dot(tl.trans(x1), y, input_precision=PREC)
+        x2 = _flat(x * tl.exp2(gsum2[None] + e2), K).to(DOT)
         acc2 += tl.dot(tl.trans(x2), y, input_precision=PREC)
         gsum1 += tot1
         gsum2 += tot2
@@ -279,8 +206,8 @@ def _summary_kernel(X, Y, G1, G2, OUT1, OUT2, GT1, GT2,
     tl.store(OUT1 + base * (K * DV) + offs, acc1)
     tl.store(OUT2 + base * (K * DV) + offs, acc2)
     if STORE_GT:
-        tl.store(GT1 + base * K + rk, gsum1, mask=(rk < K) & (i_v == 0))
-        tl.store(GT2 + base * K + rk, gsum2, mask=(rk < K) & (i_v == 0))
+        tl.store(GT1 + base * K + rk, _channels(gsum1, K), mask=(rk < K) & (i_v == 0))
+        tl.store(GT2 + base * K + rk, _channels(gsum2, K), mask=(rk < K) & (i_v == 0))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,7 +222,6 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, HF, HB, GTF, GTB,
                 T, H, qscale,
                 K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                 NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    NB: tl.constexpr = BT // 16
     i_bh = tl.program_id(0)
     i_s = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -327,55 +253,52 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, HF, HB, GTF, GTB,
         cc = CPS - 1 - jj
         rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
         rmask = rows < T
-        k = _load_rows(k_base, rows, rmask, sk_t, K)
+        k = _load_keys(k_base, rows, rmask, sk_t, K)
         v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
-        gb2 = _load_gate(gb_base, rows, rmask, sg_t, K)
+        gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
         R = tl.cumsum(gb2, axis=0, reverse=True)
         Gb = tl.sum(gb2, axis=0)
-        kd = (k * tl.exp2(Gb[None, :] - R)).to(DOT)
-        s_b = s_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+        kd = _flat(k * tl.exp2(Gb[None] - R), K).to(DOT)
+        s_b = s_b * tl.exp2(_channels(Gb, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
         tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
     tl.debug_barrier()
 
     # pass 2, left to right: everything else
     r_loc = tl.arange(0, BT)
-    rblk = r_loc // 16
     lower = r_loc[None, :] <= r_loc[:, None]
     upper = r_loc[None, :] >= r_loc[:, None]
     for cc in range(0, CPS):
         rows = (i_s * CPS + cc) * BT + r_loc
         rmask = rows < T
-        q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
-        k = _load_rows(k_base, rows, rmask, sk_t, K)
+        q = _load_keys(q_base, rows, rmask, sq_t, K) * qscale
+        k = _load_keys(k_base, rows, rmask, sk_t, K)
         v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
-        gf2 = _load_gate(gf_base, rows, rmask, sf_t, K)
-        gb2 = _load_gate(gb_base, rows, rmask, sg_t, K)
-        F, R, Gf, Gb, fr, rr, Fref, Rref = _chunk_sums(gf2, gb2, NB, K)
-        qf = q * tl.exp2(F - Fref)
-        kf = k * tl.exp2(Fref - F)
-        qb = q * tl.exp2(R - Rref)
-        kb = k * tl.exp2(Rref - R)
-        qf_d = qf.to(DOT)
-        qb_d = qb.to(DOT)
+        gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
+        gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
+        F = tl.cumsum(gf2, axis=0)
+        R = tl.cumsum(gb2, axis=0, reverse=True)
+        Gf = tl.sum(gf2, axis=0)
+        Gb = tl.sum(gb2, axis=0)
+        fm = 0.5 * Gf[None]  # the reference: half the chunk total (F, R lie in [G, 0])
+        rm = 0.5 * Gb[None]
+        qf = q * tl.exp2(F - fm)
+        kf = k * tl.exp2(fm - F)
+        qb = q * tl.exp2(R - rm)
+        kb = k * tl.exp2(rm - R)
 
-        w = tl.zeros([BT, BT], dtype=tl.float32)
-        for i in tl.static_range(NB):
-            in_blk = (rblk == i)[:, None]
-            kfi = _key_factor_f(kf, F, fr, i, NB, K).to(DOT)
-            a = tl.dot(qf_d, tl.trans(kfi), input_precision=PREC)
-            w += tl.where(in_blk & lower, a, 0.0)
-            kbi = _key_factor_b(kb, R, rr, i, NB, K).to(DOT)
-            a = tl.dot(qb_d, tl.trans(kbi), input_precision=PREC)
-            w += tl.where(in_blk & upper, a, 0.0)
+        a = tl.dot(_flat(qf, K).to(DOT), tl.trans(_flat(kf, K).to(DOT)), input_precision=PREC)
+        w = tl.where(lower, a, 0.0)
+        a = tl.dot(_flat(qb, K).to(DOT), tl.trans(_flat(kb, K).to(DOT)), input_precision=PREC)
+        w += tl.where(upper, a, 0.0)
 
         acc = tl.dot(w.to(DOT), v, input_precision=PREC)
-        acc += tl.dot((qf * _expand(tl.exp2(fr), NB, K)).to(DOT), s_f.to(DOT), input_precision=PREC)
+        acc += tl.dot(_flat(qf * tl.exp2(fm), K).to(DOT), s_f.to(DOT), input_precision=PREC)
         s_bn = tl.load(st_base + cc * (K * BV) + st_off)
-        acc += tl.dot((qb * _expand(tl.exp2(rr), NB, K)).to(DOT), s_bn, input_precision=PREC)
+        acc += tl.dot(_flat(qb * tl.exp2(rm), K).to(DOT), s_bn, input_precision=PREC)
         _store_rows(o_base, rows, rmask, so_t, acc, BV)
 
-        kd = (kf * _expand(tl.exp2(Gf[None, :] - fr), NB, K)).to(DOT)
-        s_f = s_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+        kd = _flat(kf * tl.exp2(Gf[None] - fm), K).to(DOT)
+        s_f = s_f * tl.exp2(_channels(Gf, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,7 +315,6 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF,
                 T, H, qscale,
                 K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                 NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    NB: tl.constexpr = BT // 16
     i_bh = tl.program_id(0)
     i_s = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -440,8 +362,8 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF,
         k = _load_rows(k_base, rows, rmask, sk_t, K)
         v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
         do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
-        gf2 = _load_gate(gf_base, rows, rmask, sf_t, K)
-        gb2 = _load_gate(gb_base, rows, rmask, sg_t, K)
+        gf2 = _clamp_gate(_load_rows(gf_base, rows, rmask, sf_t, K))
+        gb2 = _clamp_gate(_load_rows(gb_base, rows, rmask, sg_t, K))
         F = tl.cumsum(gf2, axis=0)
         Gf = tl.sum(gf2, axis=0)
         R = tl.cumsum(gb2, axis=0, reverse=True)
@@ -455,9 +377,10 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF,
     tl.debug_barrier()
 
     r_loc = tl.arange(0, BT)
-    rblk = r_loc // 16
     lower = r_loc[None, :] <= r_loc[:, None]
     upper = r_loc[None, :] >= r_loc[:, None]
+    strict_lower = r_loc[None, :] < r_loc[:, None]
+    strict_upper = r_loc[None, :] > r_loc[:, None]
     for cc in range(0, CPS):
         rows = (i_s * CPS + cc) * BT + r_loc
         rmask = rows < T
@@ -467,79 +390,62 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF,
         do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
         gf_raw = _load_rows(gf_base, rows, rmask, sf_t, K)
         gb_raw = _load_rows(gb_base, rows, rmask, sg_t, K)
-        gf2 = tl.minimum(tl.maximum(gf_raw, _GMIN), 0.0) * _LOG2E
-        gb2 = tl.minimum(tl.maximum(gb_raw, _GMIN), 0.0) * _LOG2E
-        F, R, Gf, Gb, fr, rr, Fref, Rref = _chunk_sums(gf2, gb2, NB, K)
-        eqf = tl.exp2(F - Fref)
-        ekf = tl.exp2(Fref - F)
-        eqb = tl.exp2(R - Rref)
-        ekb = tl.exp2(Rref - R)
-        qf = q * eqf
-        kf = k * ekf
-        qb = q * eqb
-        kb = k * ekb
-        qf_d = qf.to(DOT)
-        qb_d = qb.to(DOT)
+        gf2 = _clamp_gate(gf_raw)
+        gb2 = _clamp_gate(gb_raw)
+        F = tl.cumsum(gf2, axis=0)
+        R = tl.cumsum(gb2, axis=0, reverse=True)
+        Gf = tl.sum(gf2, axis=0)
+        Gb = tl.sum(gb2, axis=0)
+        fm = 0.5 * Gf[None, :]
+        rm = 0.5 * Gb[None, :]
+        eqf = tl.exp2(F - fm)
+        ekf = tl.exp2(fm - F)
+        eqb = tl.exp2(R - rm)
+        ekb = tl.exp2(rm - R)
+        qf_d = (q * eqf).to(DOT)
+        kf_d = (k * ekf).to(DOT)
+        qb_d = (q * eqb).to(DOT)
+        kb_d = (k * ekb).to(DOT)
 
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dp[t, s] = do_t . v_s
         # The diagonal (weight 2 q~_t.k_t, q~ = q * scale / 2) cancels exactly in q*dq - k*dk: keep it out of
         # the per-direction parts and add it to dq, dk at the end (with 16-bit operands its rounding
         # noise would otherwise dominate the gate gradients).
         dp_diag = 2.0 * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
-        strict_lower = r_loc[None, :] < r_loc[:, None]
-        strict_upper = r_loc[None, :] > r_loc[:, None]
-        w = tl.zeros([BT, BT], dtype=tl.float32)
-        dqf = tl.zeros([BT, K], dtype=tl.float32)
-        dkf = tl.zeros([BT, K], dtype=tl.float32)
-        dqb = tl.zeros([BT, K], dtype=tl.float32)
-        dkb = tl.zeros([BT, K], dtype=tl.float32)
-        for i in tl.static_range(NB):
-            row_i = (rblk == i)[:, None]
-            col_i = (rblk == i)[None, :]
-            # forward direction: query rows of block i against keys with the block-i reference
-            kfi = _key_factor_f(kf, F, fr, i, NB, K).to(DOT)
-            a = tl.dot(qf_d, tl.trans(kfi), input_precision=PREC)
-            w += tl.where(row_i & lower, a, 0.0)
-            da = tl.where(row_i & strict_lower, dp, 0.0).to(DOT)
-            dqf += tl.dot(da, kfi, input_precision=PREC)
-            # key rows of block i against queries with the block-i reference
-            qfi = _query_factor_f(qf, F, fr, i, NB, K).to(DOT)
-            da = tl.where(col_i & strict_lower, dp, 0.0).to(DOT)
-            dkf += tl.dot(tl.trans(da), qfi, input_precision=PREC)
-            # backward direction, mirrored
-            kbi = _key_factor_b(kb, R, rr, i, NB, K).to(DOT)
-            a = tl.dot(qb_d, tl.trans(kbi), input_precision=PREC)
-            w += tl.where(row_i & upper, a, 0.0)
-            da = tl.where(row_i & strict_upper, dp, 0.0).to(DOT)
-            dqb += tl.dot(da, kbi, input_precision=PREC)
-            qbi = _query_factor_b(qb, R, rr, i, NB, K).to(DOT)
-            da = tl.where(col_i & strict_upper, dp, 0.0).to(DOT)
-            dkb += tl.dot(tl.trans(da), qbi, input_precision=PREC)
-
+        w = tl.where(lower, tl.dot(qf_d, tl.trans(kf_d), input_precision=PREC), 0.0)
+        w += tl.where(upper, tl.dot(qb_d, tl.trans(kb_d), input_precision=PREC), 0.0)
+        da_f = tl.where(strict_lower, dp, 0.0).to(DOT)
+        da_b = tl.where(strict_upper, dp, 0.0).to(DOT)
         dv = tl.dot(tl.trans(w.to(DOT)), do, input_precision=PREC)
 
         s_bn = tl.load(st_base + (cc * 2) * (K * BV) + st_off)        # keys right of the chunk
         ds_fc = tl.load(st_base + (cc * 2 + 1) * (K * BV) + st_off)   # queries right of the chunk
-        ef = _expand(tl.exp2(fr), NB, K)
-        er = _expand(tl.exp2(rr), NB, K)
-        ekdf = ekf * _expand(tl.exp2(Gf[None, :] - fr), NB, K)  # exp(Gf - F) <= 1
-        ekdb = ekb * _expand(tl.exp2(Gb[None, :] - rr), NB, K)  # exp(Gb - R) <= 1
+        ef = tl.exp2(fm)
+        er = tl.exp2(rm)
+        ekdf = ekf * tl.exp2(Gf[None, :] - fm)  # exp(Gf - F) <= 1
+        ekdb = ekb * tl.exp2(Gb[None, :] - rm)  # exp(Gb - R) <= 1
         kfd = k * ekdf
         kbd = k * ekdb
-        dqf = (dqf + tl.dot(do, tl.trans(s_f.to(DOT)), input_precision=PREC) * ef) * eqf
-        dqb = (dqb + tl.dot(do, tl.trans(s_bn), input_precision=PREC) * er) * eqb
-        dkf = dkf * ekf + tl.dot(v, tl.trans(ds_fc), input_precision=PREC) * ekdf
-        dkb = dkb * ekb + tl.dot(v, tl.trans(ds_b.to(DOT)), input_precision=PREC) * ekdb
-        dv += tl.dot(kfd.to(DOT), ds_fc, input_precision=PREC)
+        dqf = (tl.dot(da_f, kf_d, input_precision=PREC)
+               + tl.dot(do, tl.trans(s_f.to(DOT)), input_precision=PREC) * ef) * eqf
+        dqb = (tl.dot(da_b, kb_d, input_precision=PREC)
+               + tl.dot(do, tl.trans(s_bn), input_precision=PREC) * er) * eqb
+        dkf = (tl.dot(tl.trans(da_f), qf_d, input_precision=PREC) * ekf
+               + tl.dot(v, tl.trans(ds_fc), input_precision=PREC) * ekdf)
+        dkb = (tl.dot(tl.trans(da_b), qb_d, input_precision=PREC) * ekb
+               + tl.dot(v, tl.trans(ds_b.to(DOT)), input_precision=PREC) * ekdb)
+        kfd_d = kfd.to(DOT)
+        dv += tl.dot(kfd_d, ds_fc, input_precision=PREC)
         dv += tl.dot(kbd.to(DOT), ds_b.to(DOT), input_precision=PREC)
 
-        _store_rows(dq_base, rows, rmask, sdq_t, (dqf + dqb + dp_diag[:, None] * k) * qscale, K)
-        _store_rows(dk_base, rows, rmask, sdk_t, dkf + dkb + dp_diag[:, None] * q, K)
+        diag = dp_diag[:, None]
+        _store_rows(dq_base, rows, rmask, sdq_t, (dqf + dqb + diag * k) * qscale, K)
+        _store_rows(dk_base, rows, rmask, sdk_t, dkf + dkb + diag * q, K)
         _store_rows(dv_base, rows, rmask, sdv_t, dv, BV)
 
         # state updates (after them: s_f holds keys up to the chunk end, ds_b queries up to the chunk end)
-        s_f = s_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(kfd.to(DOT)), v, input_precision=PREC)
-        ds_b = ds_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans((qb * er).to(DOT)), do, input_precision=PREC)
+        s_f = s_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(kfd_d), v, input_precision=PREC)
+        ds_b = ds_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans((q * eqb * er).to(DOT)), do, input_precision=PREC)
 
         # gate gradients: dg^f_r = sum_{t >= r} (q dq^f - k dk^f)_t, dg^b_r = sum_{t <= r} (q dq^b - k dk^b)_t,
         # split at the chunk end into a within-chunk sum and a boundary term rowsum(S * dS)
@@ -605,9 +511,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: torch.device,
-          chunk: int | None = None, segments: int | None = None):
+          segments: int | None = None):
     """Chunk size, value-block width and the split of each sequence into segments."""
-    bt = chunk or CHUNK
+    bt = CHUNK
     bv = min(value_dim, VALUE_BLOCK or max(16, 4096 // key_dim))
     nv = value_dim // bv
     n_chunks = triton.cdiv(length, bt)
@@ -731,33 +637,33 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
 # backward.
 
 
-def _run_forward(q, k, v, g_fwd, g_bwd, scale, chunk, segments):
+def _run_forward(q, k, v, g_fwd, g_bwd, scale, segments):
     """The forward launch: (inputs with unit last-dim stride, o, segment summaries or ())."""
     inputs = tuple(_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
-    o, summaries = _forward(*inputs, scale, _op_plan(inputs[0], inputs[2], chunk, segments))
+    o, summaries = _forward(*inputs, scale, _op_plan(inputs[0], inputs[2], segments))
     return inputs, o, summaries
 
 
-def _run_backward(q, k, v, g_fwd, g_bwd, do, summaries, scale, chunk, segments):
+def _run_backward(q, k, v, g_fwd, g_bwd, do, summaries, scale, segments):
     """The backward launch: dq, dk, dv, dg_fwd, dg_bwd (summaries are ignored for one-segment plans)."""
     q, k, v, g_fwd, g_bwd, do = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd, do))
-    plan = _op_plan(q, v, chunk, segments)
+    plan = _op_plan(q, v, segments)
     return _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, tuple(summaries) if plan[3] > 1 else ())
 
 
 class _BiGLAFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g_fwd, g_bwd, scale, chunk, segments):
-        inputs, o, summaries = _run_forward(q, k, v, g_fwd, g_bwd, scale, chunk, segments)
+    def forward(ctx, q, k, v, g_fwd, g_bwd, scale, segments):
+        inputs, o, summaries = _run_forward(q, k, v, g_fwd, g_bwd, scale, segments)
         ctx.save_for_backward(*inputs, *summaries)
-        ctx.scale, ctx.chunk, ctx.segments = scale, chunk, segments
+        ctx.scale, ctx.segments = scale, segments
         return o
 
     @staticmethod
     def backward(ctx, do):
         saved = ctx.saved_tensors
-        grads = _run_backward(*saved[:5], do, saved[5:], ctx.scale, ctx.chunk, ctx.segments)
-        return (*grads, None, None, None)
+        grads = _run_backward(*saved[:5], do, saved[5:], ctx.scale, ctx.segments)
+        return (*grads, None, None)
 
 
 def _summary_shapes(q, v, plan):
@@ -770,26 +676,26 @@ def _summary_shapes(q, v, plan):
     return state, state, total, total
 
 
-def _op_plan(q, v, chunk, segments):
+def _op_plan(q, v, segments):
     batch, length, heads, key_dim = q.shape
-    return _plan(batch * heads, length, key_dim, v.shape[-1], q.device, chunk or None, segments or None)
+    return _plan(batch * heads, length, key_dim, v.shape[-1], q.device, segments or None)
 
 
 @torch.library.custom_op("vig_kernels::bigla_fwd", mutates_args=())
 def _bigla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
-                  scale: float, chunk: int, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor, torch.Tensor]:
+                  scale: float, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
     """o and the forward segment summaries (hf, hb, gtf, gtb; empty for one-segment plans)."""
-    _, o, summaries = _run_forward(q, k, v, g_fwd, g_bwd, scale, chunk, segments)
+    _, o, summaries = _run_forward(q, k, v, g_fwd, g_bwd, scale, segments)
     if not summaries:
-        plan = _op_plan(q, v, chunk, segments)
+        plan = _op_plan(q, v, segments)
         summaries = tuple(q.new_empty(shape, dtype=torch.float32) for shape in _summary_shapes(q, v, plan))
     return (o, *summaries)
 
 
 @_bigla_fwd_op.register_fake
-def _(q, k, v, g_fwd, g_bwd, scale, chunk, segments):
-    plan = _op_plan(q, v, chunk, segments)
+def _(q, k, v, g_fwd, g_bwd, scale, segments):
+    plan = _op_plan(q, v, segments)
     summaries = (q.new_empty(shape, dtype=torch.float32) for shape in _summary_shapes(q, v, plan))
     return (v.new_empty(v.shape), *summaries)
 
@@ -797,50 +703,48 @@ def _(q, k, v, g_fwd, g_bwd, scale, chunk, segments):
 @torch.library.custom_op("vig_kernels::bigla_bwd", mutates_args=())
 def _bigla_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
                   do: torch.Tensor, hf: torch.Tensor, hb: torch.Tensor, gtf: torch.Tensor, gtb: torch.Tensor,
-                  scale: float, chunk: int, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor, torch.Tensor]:
+                  scale: float, segments: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
     """dq, dk, dv, dg_fwd, dg_bwd."""
-    return _run_backward(q, k, v, g_fwd, g_bwd, do, (hf, hb, gtf, gtb), scale, chunk, segments)
+    return _run_backward(q, k, v, g_fwd, g_bwd, do, (hf, hb, gtf, gtb), scale, segments)
 
 
 @_bigla_bwd_op.register_fake
-def _(q, k, v, g_fwd, g_bwd, do, hf, hb, gtf, gtb, scale, chunk, segments):
+def _(q, k, v, g_fwd, g_bwd, do, hf, hb, gtf, gtb, scale, segments):
     return tuple(x.new_empty(x.shape) for x in (q, k, v, g_fwd, g_bwd))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g_fwd, g_bwd, scale, chunk, segments = inputs
+    q, k, v, g_fwd, g_bwd, scale, segments = inputs
     ctx.save_for_backward(q, k, v, g_fwd, g_bwd, *output[1:])
-    ctx.scale, ctx.chunk, ctx.segments = scale, chunk, segments
+    ctx.scale, ctx.segments = scale, segments
 
 
 def _backward_rule(ctx, do, *unused_summary_grads):
     saved = ctx.saved_tensors
-    grads = _bigla_bwd_op(*saved[:5], do, *saved[5:], ctx.scale, ctx.chunk, ctx.segments)
-    return (*grads, None, None, None)
+    grads = _bigla_bwd_op(*saved[:5], do, *saved[5:], ctx.scale, ctx.segments)
+    return (*grads, None, None)
 
 
 _bigla_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def bigla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
-                 scale: float | None = None, *, chunk: int | None = None, segments: int | None = None) -> torch.Tensor:
+                 scale: float | None = None, *, segments: int | None = None) -> torch.Tensor:
     """Fused bidirectional GLA, ``[B, T, H, K]`` q, k, gates and ``[B, T, H, V]`` v; returns o in v's dtype.
 
-    ``chunk`` (16, 32 or 64) and ``segments`` override the automatic plan (for tests and tuning).
+    ``segments`` overrides the automatic split of each sequence (for tests and tuning).
     Raises ``ValueError``/``TypeError`` for inputs the kernel does not support.
     """
     reason = unsupported_reason(q, k, v, g_fwd, g_bwd)
     if reason is not None:
         raise ValueError(f"bigla_triton: {reason}")
-    if chunk is not None and chunk not in (16, 32, 64):
-        raise ValueError(f"bigla_triton: chunk must be 16, 32 or 64, got {chunk}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.numel() == 0 or v.numel() == 0:  # empty batch or heads: nothing to launch, keep the graph connected
         return v.new_zeros(v.shape) + sum(x.sum() for x in (q, k, v, g_fwd, g_bwd)).to(v.dtype) * 0
     if torch.compiler.is_compiling():
-        return _bigla_fwd_op(q, k, v, g_fwd, g_bwd, scale, chunk or 0, segments or 0)[0]
-    return _BiGLAFunction.apply(q, k, v, g_fwd, g_bwd, scale, chunk or 0, segments or 0)
+        return _bigla_fwd_op(q, k, v, g_fwd, g_bwd, scale, segments or 0)[0]
+    return _BiGLAFunction.apply(q, k, v, g_fwd, g_bwd, scale, segments or 0)
 
 
 __all__ = ["GATE_MIN", "bigla_triton", "unsupported_reason"]
