@@ -68,11 +68,12 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # small jit helpers
 # ----------------------------------------------------------------------------------------------------------
-# Key-dim tiles ([rows, K] of q, k, the gates and their gradients) are held as [rows, K // 8, 8]: Triton then
+# The forward and summary kernels hold q, k and the gates as [rows, K // 8, 8] tiles (_load_keys): Triton then
 # lays the rows of each group of 8 channels across the lanes of one warp and the groups across warps, so the
 # chunk's cumulative sums and totals along rows stay inside a warp (shuffles) instead of crossing warps
 # through shared memory and barriers, as they do in a [rows, K] tile. They are flattened to [rows, K] only
-# as dot operands. Measured on the ViG-T forward (benchmarks/bigla_sass.py, docs/kernels.md).
+# as dot operands. The backward keeps [rows, K] tiles: the same layout there measured 5-16% slower
+# (docs/kernels.md, "Grouped key tiles").
 
 
 @triton.jit
@@ -109,11 +110,6 @@ def _load_keys(base, rows, rmask, stride_t, K: tl.constexpr):
 
 
 @triton.jit
-def _store_keys(base, rows, rmask, stride_t, x, K: tl.constexpr):
-    tl.store(_key_ptrs(base, rows, stride_t, K), x.to(base.dtype.element_ty), mask=rmask[:, None, None])
-
-
-@triton.jit
 def _clamp_gate(g):
     """Gates clamped to [GATE_MIN, 0] and converted to log2 units (padding rows are 0)."""
     return tl.minimum(tl.maximum(g, _GMIN), 0.0) * _LOG2E
@@ -123,12 +119,6 @@ def _clamp_gate(g):
 def _flat(x, K: tl.constexpr):
     """[rows, K // 8, 8] -> [rows, K] (a dot operand)."""
     return tl.reshape(x, (x.shape[0], K))
-
-
-@triton.jit
-def _grouped(x, K: tl.constexpr):
-    """[rows, K] -> [rows, K // 8, 8]."""
-    return tl.reshape(x, (x.shape[0], K // 8, 8))
 
 
 @triton.jit
