@@ -27,9 +27,9 @@ from kernels.bigla import fused  # noqa: E402
 HEADS, TOKENS = 3, 196
 
 
-def one_segment(q, k, v, g_fwd, g_bwd):
-    """The op with one program per sequence at every batch (small grids would otherwise be split into segments)."""
-    return fused.bigla_triton(q, k, v, g_fwd, g_bwd, segments=1)
+def with_segments(segments):
+    """The op with a fixed split of each sequence (segments=1: one program per sequence at every batch)."""
+    return lambda q, k, v, g_fwd, g_bwd: fused.bigla_triton(q, k, v, g_fwd, g_bwd, segments=segments)
 
 
 def previous_plan_segments(batch_heads, tokens):
@@ -50,13 +50,12 @@ def segment_plans():
     for batch, tokens in ((1, 196), (8, 196), (16, 196), (32, 196), (32, 256), (32, 400), (32, 576), (32, 784),
                           (32, 1024), (32, 2048), (8, 4096)):
         make = lambda grad, b=batch, t=tokens: make_gla_inputs(b, t, HEADS, "cuda", grad)  # noqa: E731
-        chunks = -(-tokens // 16)
+        chunks = -(-tokens // fused.CHUNK)
         previous = previous_plan_segments(batch * HEADS, tokens)
         current = fused._plan(batch * HEADS, tokens, 32, 64, torch.device("cuda"))[3]
         cells = []
         for segments in (1, previous, current):
-            def op(q, k, v, g_fwd, g_bwd, n=segments):
-                return fused.bigla_triton(q, k, v, g_fwd, g_bwd, segments=n)
+            op = with_segments(segments)
             fwd, fwd_bwd = (bench_graph(op, make, 4, 60, backward) * 1e3 for backward in (False, True))
             cells.append(f"{fwd:.1f} / {fwd_bwd:.1f}" if segments == 1 else f"{segments}: {fwd:.1f} / {fwd_bwd:.1f}")
         print(f"| {batch} | {tokens} | {chunks} | " + " | ".join(cells) + " |")
@@ -68,8 +67,8 @@ def main():
     for batch in (sms // HEADS, 2 * sms // HEADS, 3 * sms // HEADS, 128, 256):
         make = lambda grad, b=batch: make_gla_inputs(b, TOKENS, HEADS, "cuda", grad)  # noqa: E731
         fused.LAST_LAUNCH.clear()
-        fwd = bench_graph(one_segment, make, 4, 100, False) * 1e3
-        fwd_bwd = bench_graph(one_segment, make, 4, 100, True) * 1e3
+        fwd = bench_graph(with_segments(1), make, 4, 100, False) * 1e3
+        fwd_bwd = bench_graph(with_segments(1), make, 4, 100, True) * 1e3
         regs = ", ".join(f"{name} {kernel.n_regs} registers / {kernel.n_spills} spills"
                          for name, kernel in fused.LAST_LAUNCH.items())
         rows.append((batch, batch * HEADS, batch * HEADS / sms, fwd, fwd_bwd, regs))

@@ -84,7 +84,7 @@ def _seq_base(ptr, i_b, i_h, stride_b, stride_h):
 
 @triton.jit
 def _load_rows(base, rows, rmask, stride_t, D: tl.constexpr):
-    """A [rows, D] tile of a value-dim tensor, in fp32."""
+    """A [rows, D] tile, in fp32."""
     cols = tl.arange(0, D)
     ptrs = base + rows[:, None].to(tl.int64) * stride_t + cols[None, :]
     return tl.load(ptrs, mask=rmask[:, None], other=0.0).to(tl.float32)
