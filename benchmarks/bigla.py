@@ -192,12 +192,12 @@ def check(heads, length, device):
 
 
 def set_config(cfg):
-    """fwd_warps:bwd_warps[:value_block[:programs_per_sm[:num_stages[:fwd_maxnreg[:bwd_maxnreg]]]]],
-    0 = default."""
+    """fwd_warps:bwd_warps[:value_block[:bwd_programs_per_sm[:num_stages[:fwd_maxnreg[:bwd_maxnreg]]]]],
+    0 = default (bwd_programs_per_sm: what the segment plan assumes fits per SM)."""
     vals = [int(x) for x in cfg.split(":")] + [0] * 5
     fused.FWD_WARPS, fused.BWD_WARPS = vals[:2]
     fused.VALUE_BLOCK = vals[2] or None
-    fused.PROGRAMS_PER_SM = vals[3] or 2
+    fused.BWD_PROGRAMS_PER_SM = vals[3] or 2
     fused.NUM_STAGES = vals[4] or None
     fused.FWD_MAX_REGISTERS = vals[5] or None
     fused.BWD_MAX_REGISTERS = vals[6] or None
@@ -205,7 +205,7 @@ def set_config(cfg):
 
 def current_config():
     return (f"warps fwd {fused.FWD_WARPS} / bwd {fused.BWD_WARPS}, value block "
-            f"{fused.VALUE_BLOCK or 'auto'}, programs/SM target {fused.PROGRAMS_PER_SM}, stages "
+            f"{fused.VALUE_BLOCK or 'auto'}, backward programs/SM {fused.BWD_PROGRAMS_PER_SM}, stages "
             f"{fused.NUM_STAGES or 'default'}, register cap fwd {fused.FWD_MAX_REGISTERS or 'none'} / bwd "
             f"{fused.BWD_MAX_REGISTERS or 'none'}")
 

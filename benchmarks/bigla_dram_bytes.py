@@ -1,6 +1,6 @@
 """Two forward+backward calls of the fused BiGLA op at one shape, to be read by Nsight Compute's DRAM counters.
 
-    ncu --kernel-name regex:"_fwd_kernel|_bwd_kernel|_summary_kernel" --launch-count 6 --csv \
+    ncu --kernel-name regex:"_fwd_kernel|_bwd_kernel" --launch-count 6 --csv \
         --metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,gpu__time_duration.sum \
         python benchmarks/bigla_dram_bytes.py 128 196 3        # batch, tokens, heads (ViG-T at 224)
 

@@ -8,7 +8,9 @@
 
 Each program runs one (batch, head) sequence, so a batch of SMs/3 sequences puts one program on each SM and
 its time is the latency of one program's chain of chunk steps; with three programs per SM (the ViG-T 224
-batch-128 grid) the programs also compete for issue slots. Results and reading: docs/kernels.md.
+batch-128 grid) the programs also compete for issue slots. Then a sweep of segments per sequence at the shapes
+where splitting matters, which the launcher's split (fused._plan, SEGMENT_COST) is fitted to. Results and
+reading: docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -32,33 +34,29 @@ def with_segments(segments):
     return lambda q, k, v, g_fwd, g_bwd: fused.bigla_triton(q, k, v, g_fwd, g_bwd, segments=segments)
 
 
-def previous_plan_segments(batch_heads, tokens):
-    """The launcher's split without the short-sequence rule (MIN_SPLIT_CHUNKS = 0): fill 2 programs per SM."""
-    kept, fused.MIN_SPLIT_CHUNKS = fused.MIN_SPLIT_CHUNKS, 0
-    try:
-        return fused._plan(batch_heads, tokens, 32, 64, torch.device("cuda"))[3]
-    finally:
-        fused.MIN_SPLIT_CHUNKS = kept
+SWEEP_SHAPES = [(3, 1024, 32), (6, 1024, 32), (12, 1024, 32), (3, 4096, 8), (6, 4096, 8), (12, 4096, 8),
+                (3, 196, 32), (3, 196, 64), (3, 576, 32)]  # (heads: ViG-T/S/B, tokens, batch)
+SWEEP_SEGMENTS = (1, 2, 3, 4, 5, 6, 8, 11, 16, 22, 32)
 
 
-def segment_plans():
-    """One segment, the previous split and the launcher's current plan, for grids below 2 programs per SM."""
-    print("\nViG-T heads, graph replay: fwd / fwd+bwd µs with one segment, the previous split (fill 2 programs per "
-          "SM) and the current plan")
-    print("| batch | tokens | chunks | one segment | previous: segments, fwd / f+b | current: segments, fwd / f+b |")
-    print("|---|---|---|---|---|---|")
-    for batch, tokens in ((1, 196), (8, 196), (16, 196), (32, 196), (32, 256), (32, 400), (32, 576), (32, 784),
-                          (32, 1024), (32, 2048), (8, 4096)):
-        make = lambda grad, b=batch, t=tokens: make_gla_inputs(b, t, HEADS, "cuda", grad)  # noqa: E731
+def segment_sweep():
+    """fwd+bwd against the number of segments per sequence; the launcher's plan (fused._plan) is marked *."""
+    print("\nSegments per sequence, graph replay, fwd / fwd+bwd µs (* the launcher's plan)")
+    print("| heads | tokens | batch | chunks | " + " | ".join(str(n) for n in SWEEP_SEGMENTS) + " |")
+    print("|---|---|---|---|" + "---|" * len(SWEEP_SEGMENTS))
+    for heads, tokens, batch in SWEEP_SHAPES:
+        make = lambda grad, b=batch, t=tokens, h=heads: make_gla_inputs(b, t, h, "cuda", grad)  # noqa: E731
         chunks = -(-tokens // fused.CHUNK)
-        previous = previous_plan_segments(batch * HEADS, tokens)
-        current = fused._plan(batch * HEADS, tokens, 32, 64, torch.device("cuda"))[3]
+        planned = fused._plan(batch * heads, tokens, 32, 64, torch.device("cuda"))[3]
         cells = []
-        for segments in (1, previous, current):
+        for segments in SWEEP_SEGMENTS:
+            if fused._plan(batch * heads, tokens, 32, 64, torch.device("cuda"), segments=segments)[3] != segments:
+                cells.append("")
+                continue
             op = with_segments(segments)
-            fwd, fwd_bwd = (bench_graph(op, make, 4, 60, backward) * 1e3 for backward in (False, True))
-            cells.append(f"{fwd:.1f} / {fwd_bwd:.1f}" if segments == 1 else f"{segments}: {fwd:.1f} / {fwd_bwd:.1f}")
-        print(f"| {batch} | {tokens} | {chunks} | " + " | ".join(cells) + " |")
+            fwd, fwd_bwd = (bench_graph(op, make, 4, 30, backward) * 1e3 for backward in (False, True))
+            cells.append(f"{'*' if segments == planned else ''}{fwd:.1f} / {fwd_bwd:.1f}")
+        print(f"| {heads} | {tokens} | {batch} | {chunks} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main():
@@ -77,7 +75,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for batch, programs, per_sm, fwd, fwd_bwd, regs in rows:
         print(f"| {batch} | {programs} | {per_sm:.2f} | {fwd:.1f} | {fwd_bwd:.1f} | {regs} |")
-    segment_plans()
+    segment_sweep()
 
 
 if __name__ == "__main__":

@@ -125,8 +125,7 @@ def main():
     ap.add_argument("--key-dim", type=int, default=32)
     ap.add_argument("--value-dim", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--segments", type=int, default=1, help="segments per sequence (1: the one-launch path; "
-                    "the summary kernel of longer plans is not analysed)")
+    ap.add_argument("--segments", type=int, default=1, help="segments per sequence (1: no segment exchange)")
     ap.add_argument("--fwd-max-registers", type=int, default=fused.FWD_MAX_REGISTERS)
     ap.add_argument("--bwd-max-registers", type=int, default=None,
                     help=f"ptxas register cap of the backward (the launcher applies {fused.BWD_MAX_REGISTERS} "
@@ -141,7 +140,7 @@ def main():
     qk_strides = {"b": T * H * K, "t": H * K, "h": K}
     v_strides = {"b": T * H * V, "t": H * V, "h": V}
     data, gate, stash = POINTER_TYPES[dtype], "*fp32", POINTER_TYPES[stash_dtype]
-    shared = dict(K=K, DV=V, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec)
+    shared = dict(K=K, DV=V, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, PHASE=0)
     source = open(fused.__file__).read().splitlines()
     print(f"B={B} T={T} H={H} K={K} V={V} {args.dtype}: chunk {bt}, value block {bv}, {ns} segment(s) of {cps} "
           f"chunks, triton {triton.__version__}, sm_90")
@@ -154,14 +153,15 @@ def main():
             values.update({f"{prefix}_{axis}": stride for axis, stride in v_strides.items()})
         return values
 
-    fwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, O=data, STASH=stash, HF=gate, HB=gate,
-                        GTF=gate, GTB=gate)
+    fwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, O=data, STASH=stash, SUF=gate, HF=gate,
+                        HB=gate, GTF=gate, GTB=gate, SYNC="*i32")
     compiled = compile_kernel(fused._fwd_kernel, fwd_pointers, integers(("sq", "sk", "sf", "sg"), ("sv", "so")),
                               ("qscale",), shared, fused.FWD_WARPS, args.fwd_max_registers)
     report("forward", compiled, args.lines, source)
 
     bwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, DO=data, DQ=data, DK=data, DVp=data,
-                        DGF=gate, DGB=gate, STASH=stash, HF=gate, HB=gate, DSF=gate, DSB=gate, GTF=gate, GTB=gate)
+                        DGF=gate, DGB=gate, STASH=stash, SUF=gate, HF=gate, HB=gate, DSF=gate, DSB=gate, GTF=gate,
+                        GTB=gate, SYNC="*i32")
     bwd_integers = integers(("sq", "sk", "sf", "sg", "sdq", "sdk", "sdf", "sdg"), ("sv", "sd", "sdv"),
                             extra=("part_stride",))
     compiled = compile_kernel(fused._bwd_kernel, bwd_pointers, bwd_integers, ("qscale",), shared,

@@ -112,6 +112,7 @@ CASES = {
         dict(batch=1, length=196, heads=1, key_dim=32, value_dim=64, gate="strong", segments=4),
         dict(batch=1, length=70, heads=1, key_dim=128, value_dim=128, gate="weak"),
         dict(batch=1, length=70, heads=1, key_dim=64, value_dim=16, gate="weak", segments=2),
+        dict(batch=2, length=90, heads=2, key_dim=64, value_dim=128, gate="typical", segments=3),
         dict(batch=2, length=40, heads=3, key_dim=32, value_dim=64, gate="weak", noncontiguous=True),
     ],
 }

@@ -97,14 +97,16 @@ def test_shape_errors_are_clear():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("programs, tokens, segments, chunks_per_segment", [
     (1, 196, 5, 3),     # a short sequence on an empty GPU: split into segments of 3 chunks
-    (4, 196, 1, 13),    # half the target grid: the split would leave segments of 7 chunks, so none
-    (4, 1024, 2, 32),   # a long sequence: split to fill the target grid
-    (8, 196, 1, 13),    # the target grid (2 programs per SM) is full
-    (8, 4096, 1, 256),
+    (4, 196, 2, 7),     # half a backward wave: two segments fill it
+    (3, 1024, 5, 13),   # two full waves of 13-chunk segments beat one wave of 32-chunk ones
+    (4, 1024, 2, 32),   # one full wave
+    (8, 196, 1, 13),    # a full wave already
+    (10, 196, 1, 13),   # one wave only under the backward's register cap (3 programs per SM), which needs one segment
+    (8, 4096, 1, 256),  # splitting adds waves in proportion
 ])
 def test_segment_plan(programs, tokens, segments, chunks_per_segment):
     from kernels.bigla import fused
-    # a CPU device stands for 4 SMs, so the target grid is 8 programs
+    # a CPU device stands for 4 SMs: a backward wave is 8 programs (12 under the register cap)
     plan = fused._plan(programs, tokens, 32, 64, torch.device("cpu"))
     assert plan[3:] == (segments, chunks_per_segment)
     assert plan[3] * plan[4] >= -(-tokens // fused.CHUNK)
@@ -198,6 +200,28 @@ def test_gpu_lengths_bf16(length):
 @pytest.mark.parametrize("segments", [1, 3, 8])
 def test_gpu_segment_paths_agree(segments):
     _compare_with_float64(2, 1000, 2, 32, 64, torch.float32, segments=segments)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_split_sequences_beyond_one_wave():
+    """3,072 programs in groups of 4 segments that exchange states inside the launch: many more than fit on
+    the GPU at once, so groups wait on programs that start later (a scheduling bug hangs or gives wrong
+    states here). Run twice to catch flags or tickets left over from a previous launch."""
+    from kernels.bigla import fused
+    xs = [x.requires_grad_() for x in _inputs(64, 1024, 12, 32, 64, device="cuda", dtype=torch.bfloat16)]
+    do = torch.randn_like(xs[2])
+
+    def output_and_grads(segments):
+        out = fused.bigla_triton(*xs, segments=segments)
+        return (out, *torch.autograd.grad(out, xs, do))
+
+    expected = output_and_grads(1)
+    for _ in range(2):
+        for name, got, ref in zip(("o", "dq", "dk", "dv", "dg_fwd", "dg_bwd"), output_and_grads(4), expected):
+            got, ref = got.double(), ref.double()
+            ratio = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+            assert ratio < 1e-2, f"{name}, 4 segments against 1: RMS ratio {ratio:.1e}"
 
 
 @cuda

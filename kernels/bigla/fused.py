@@ -13,12 +13,14 @@ Algorithm (per batch element, head and block of value channels):
   backward suffix; every state exponent is ``<= 0``.
 * A program owns a *segment* of consecutive chunks. Pass 1 walks the segment backwards and stashes the
   state(s) that flow from the right (the backward-direction state, and in the backward kernel also the
-  gradient of the forward state) in a small workspace; pass 2 walks forwards, carries the left-flowing
-  states in registers and produces every output of the chunk. Short sequences (and any shape with enough
-  (batch, head) pairs to fill the GPU) use one segment per sequence: one launch forward, one backward.
-  Long sequences with few (batch, head) pairs split into segments; a summary kernel computes each
-  segment's local states first, and each segment folds in the summaries of the others (one extra launch
-  each way).
+  gradient of the forward state; the part from right of the segment is added once known) in a small
+  workspace; pass 2 walks forwards, carries the
+  left-flowing states in registers and produces every output of the chunk. Short sequences (and any shape
+  with enough (batch, head) pairs to fill the GPU) use one segment per sequence. Long sequences with few
+  (batch, head) pairs split into segments whose programs exchange their local states inside the same launch:
+  each publishes its summaries after pass 1, waits for the rest of its sequence, folds their states in and
+  runs pass 2. One launch forward, one backward, at every length (split sequences also zero-fill one ticket
+  and one flag word per program beforehand).
 * Backward recomputes everything from q, k, v and the gates (plus the tiny segment summaries); the gate
   gradients come from ``q*dq - k*dk`` per direction with one within-chunk cumulative sum and a boundary term
   ``rowsum(S * dS)`` per chunk, so no sequence-long cumulative sum runs across programs.
@@ -48,10 +50,9 @@ VALUE_BLOCK = None  # value channels per program (None: min(V, 4096 // K))
 NUM_STAGES = None  # software-pipelining depth of the chunk loops (None: Triton's default)
 FWD_MAX_REGISTERS = None  # register cap per thread (ptxas maxnreg; None: the compiler's choice)
 BWD_MAX_REGISTERS = 168  # 3 backward programs per SM instead of 2, where that turns two waves into one
-PROGRAMS_PER_SM = 2
+BWD_PROGRAMS_PER_SM = 2  # what 255 registers per thread and 4 warps allow (3 under the register cap)
 MAX_SEGMENTS = 32
-MIN_SPLIT_CHUNKS = 32  # shorter sequences are split only into segments of at most SHORT_SEGMENT_CHUNKS chunks
-SHORT_SEGMENT_CHUNKS = 3
+SEGMENT_COST = 0.2  # chunk steps a program spends per segment of its sequence, in the plan's cost model
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _GMIN = tl.constexpr(GATE_MIN)
@@ -133,71 +134,76 @@ def _scan_in(acc, WS, GT, i_bh, i_s, j, NS: tl.constexpr, K: tl.constexpr, DV: t
     """acc <- exp2(GT[j]) * acc + WS[j] where `take`, else acc (masked loads, no memory traffic)."""
     base = (i_bh * NS + j).to(tl.int64)
     rk = tl.arange(0, K)
-    g = tl.load(GT + base * K + rk, mask=(rk < K) & take, other=0.0)
+    # .cg: other programs of this launch wrote these after it started, so they must not come from L1
+    g = tl.load(GT + base * K + rk, mask=(rk < K) & take, other=0.0, cache_modifier=".cg")
     h = tl.load(WS + base * (K * DV) + rk[:, None] * DV + i_v * BV + tl.arange(0, BV)[None, :],
-                mask=(rk[:, None] < K) & take, other=0.0)
+                mask=(rk[:, None] < K) & take, other=0.0, cache_modifier=".cg")
     return acc * tl.exp2(g)[:, None] + h
 
 
 # ----------------------------------------------------------------------------------------------------------
-# segment summaries (long sequences only)
+# segments of one sequence in one launch
 # ----------------------------------------------------------------------------------------------------------
+# A split sequence runs as a group of NS programs. Each first computes its segment's local states (pass 1),
+# publishes them with a release flag, then waits for the flags of the rest of its group and folds their
+# states in. Waiting needs every program of a group to be resident or finished: programs take their group
+# and segment from a ticket counter in the order they start, so the groups before a waiting program are all
+# started and never wait on later ones. In the interpreter, which runs programs one after another, the
+# launcher runs the publishing half (PHASE 1) and the consuming half (PHASE 2) as two launches instead.
 
 
 @triton.jit
-def _summary_kernel(X, Y, G1, G2, OUT1, OUT2, GT1, GT2,
-                    sx_b, sx_t, sx_h, sy_b, sy_t, sy_h, s1_b, s1_t, s1_h, s2_b, s2_t, s2_h,
-                    T, H, xscale,
-                    K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-                    NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
-                    INCL: tl.constexpr, STORE_GT: tl.constexpr):
-    """Per segment: OUT1 = sum_s (x_s * exp(sum of g1 from s to the segment end))^T y_s and
-    OUT2 = sum_s (x_s * exp(sum of g2 from the segment start to s))^T y_s, with s itself excluded from the
-    gate sums (INCL=False: key states h^f, h^b of the forward pass) or included (INCL=True: query-side state
-    gradients of the backward pass). GT1/GT2 receive the segment's gate totals (log2 units)."""
-    i_bh = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_v = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    x_base = _seq_base(X, i_b, i_h, sx_b, sx_h)
-    y_base = _seq_base(Y, i_b, i_h, sy_b, sy_h) + i_v * BV
-    g1_base = _seq_base(G1, i_b, i_h, s1_b, s1_h)
-    g2_base = _seq_base(G2, i_b, i_h, s2_b, s2_h)
+def _coords(SYNC, H, NS: tl.constexpr, NV: tl.constexpr, PHASE: tl.constexpr):
+    """This program's batch, head, batch*head, segment and value block, its group (the programs of one
+    sequence and value block) and its workspace slot. Split sequences take them from a ticket."""
+    if NS > 1 and PHASE == 0:
+        t = tl.atomic_add(SYNC, 1)
+    else:
+        t = tl.program_id(0)
+    group = t // NS
+    i_bh = group // NV
+    i_s = t % NS
+    i_v = group % NV
+    slot = (i_s * (tl.num_programs(0) // (NS * NV)) + i_bh) * NV + i_v
+    return i_bh // H, i_bh % H, i_bh, i_s, i_v, group, slot
 
-    acc1 = tl.zeros([K, BV], dtype=tl.float32)
-    acc2 = tl.zeros([K, BV], dtype=tl.float32)
-    gsum1 = tl.zeros([K // 8, 8], dtype=tl.float32)
-    gsum2 = tl.zeros([K // 8, 8], dtype=tl.float32)
-    for cc in range(0, CPS):
-        rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
-        rmask = rows < T
-        x = _load_keys(x_base, rows, rmask, sx_t, K) * xscale
-        y = _load_rows(y_base, rows, rmask, sy_t, BV).to(DOT)
-        g1 = _clamp_gate(_load_keys(g1_base, rows, rmask, s1_t, K))
-        g2 = _clamp_gate(_load_keys(g2_base, rows, rmask, s2_t, K))
-        tot1 = tl.sum(g1, axis=0)
-        tot2 = tl.sum(g2, axis=0)
-        e1 = tl.cumsum(g1, axis=0, reverse=True)
-        e2 = tl.cumsum(g2, axis=0)
-        if not INCL:
-            e1 = e1 - g1
-            e2 = e2 - g2
-        x1 = _flat(x * tl.exp2(e1), K).to(DOT)
-        acc1 = acc1 * tl.exp2(_channels(tot1, K))[:, None] + tl.dot(tl.trans(x1), y, input_precision=PREC)
-        x2 = _flat(x * tl.exp2(gsum2[None] + e2), K).to(DOT)
-        acc2 += tl.dot(tl.trans(x2), y, input_precision=PREC)
-        gsum1 += tot1
-        gsum2 += tot2
 
+@triton.jit
+def _publish(SYNC, group, i_s, NS: tl.constexpr):
+    tl.debug_barrier()  # every thread's summary stores precede the release
+    tl.atomic_xchg(SYNC + 1 + group * NS + i_s, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_for_group(SYNC, group, NS: tl.constexpr):
+    for j in range(0, NS):
+        while tl.atomic_add(SYNC + 1 + group * NS + j, 0, sem="acquire", scope="gpu") == 0:
+            pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fold_in(st_ptr, suf_ptr, state, CPS: tl.constexpr, STEP: tl.constexpr, K: tl.constexpr,
+             BV: tl.constexpr):
+    """stash[c] += exp2(suffix[c]) * state for every chunk c: adds a state entering the segment from the right
+    to the local states pass 1 stashed (suffix[c]: the segment's gate total right of chunk c, log2 units)."""
+    rk = tl.arange(0, K)
+    st_off = rk[:, None] * BV + tl.arange(0, BV)[None, :]
+    for c in range(0, CPS):
+        ptrs = st_ptr + c * STEP + st_off
+        decay = tl.exp2(tl.load(suf_ptr + c * K + rk))
+        tl.store(ptrs, (tl.load(ptrs).to(tl.float32) + decay[:, None] * state).to(ptrs.dtype.element_ty))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _store_summary(WS, GT, i_bh, i_s, i_v, h, gsum, NS: tl.constexpr, K: tl.constexpr, DV: tl.constexpr,
+                   BV: tl.constexpr, STORE_GT: tl.constexpr):
     base = (i_bh * NS + i_s).to(tl.int64)
     rk = tl.arange(0, K)
-    offs = rk[:, None] * DV + i_v * BV + tl.arange(0, BV)[None, :]
-    tl.store(OUT1 + base * (K * DV) + offs, acc1)
-    tl.store(OUT2 + base * (K * DV) + offs, acc2)
-    if STORE_GT:
-        tl.store(GT1 + base * K + rk, _channels(gsum1, K), mask=(rk < K) & (i_v == 0))
-        tl.store(GT2 + base * K + rk, _channels(gsum2, K), mask=(rk < K) & (i_v == 0))
+    tl.store(WS + base * (K * DV) + rk[:, None] * DV + i_v * BV + tl.arange(0, BV)[None, :], h)
+    if STORE_GT:  # every value block stores the same totals, so each group reads totals its own flags cover
+        tl.store(GT + base * K + rk, _channels(gsum, K))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,89 +212,112 @@ def _summary_kernel(X, Y, G1, G2, OUT1, OUT2, GT1, GT2,
 
 
 @triton.jit
-def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, HF, HB, GTF, GTB,
+def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                 sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, so_b, so_t, so_h,
                 T, H, qscale,
                 K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-                NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    i_bh = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_v = tl.program_id(2)
-    BH = tl.num_programs(0)
-    NV = tl.num_programs(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
+                NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                PHASE: tl.constexpr):
+    i_b, i_h, i_bh, i_s, i_v, group, slot = _coords(SYNC, H, NS, DV // BV, PHASE)
     q_base = _seq_base(Q, i_b, i_h, sq_b, sq_h)
     k_base = _seq_base(Kp, i_b, i_h, sk_b, sk_h)
     v_base = _seq_base(V, i_b, i_h, sv_b, sv_h) + i_v * BV
     gf_base = _seq_base(GF, i_b, i_h, sf_b, sf_h)
     gb_base = _seq_base(GB, i_b, i_h, sg_b, sg_h)
     o_base = _seq_base(O, i_b, i_h, so_b, so_h) + i_v * BV
-    st_base = STASH + (((i_s * BH + i_bh) * NV + i_v) * CPS).to(tl.int64) * (K * BV)
+    st_base = STASH + (slot * CPS).to(tl.int64) * (K * BV)
+    suf_base = SUF + (slot * CPS).to(tl.int64) * K
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
+    rk = tl.arange(0, K)
 
-    # states entering the segment: forward prefix from the left, backward suffix from the right
-    s_f = tl.zeros([K, BV], dtype=tl.float32)
-    s_b = tl.zeros([K, BV], dtype=tl.float32)
-    if NS > 1:
-        for j in range(0, NS):
-            s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
-            jr = NS - 1 - j
-            s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
-
-    # pass 1, right to left: stash the backward state entering each chunk from its right
-    tl.store(st_base + (CPS - 1) * (K * BV) + st_off, s_b.to(DOT))
-    for jj in range(0, CPS - 1):
-        cc = CPS - 1 - jj
-        rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
-        rmask = rows < T
-        k = _load_keys(k_base, rows, rmask, sk_t, K)
-        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
-        gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
-        R = tl.cumsum(gb2, axis=0, reverse=True)
-        Gb = tl.sum(gb2, axis=0)
-        kd = _flat(k * tl.exp2(Gb[None] - R), K).to(DOT)
-        s_b = s_b * tl.exp2(_channels(Gb, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
-        tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
+    if PHASE != 2:
+        # pass 1, right to left: stash the segment-local backward state entering each chunk from its right.
+        # A split sequence also needs chunk 0, for the segment's summaries: its local key states h^f, h^b
+        # and gate totals, and the gate total right of each chunk (to fold in the state from the right).
+        s_b = tl.zeros([K, BV], dtype=tl.float32)
+        tl.store(st_base + (CPS - 1) * (K * BV) + st_off, s_b.to(DOT))
+        if NS > 1:
+            h_f = tl.zeros([K, BV], dtype=tl.float32)
+            suf_f = tl.zeros([K // 8, 8], dtype=tl.float32)
+            suf_b = tl.zeros([K // 8, 8], dtype=tl.float32)
+            tl.store(suf_base + (CPS - 1) * K + rk, _channels(suf_b, K))
+        for jj in range(0, CPS if NS > 1 else CPS - 1):
+            cc = CPS - 1 - jj
+            rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
+            rmask = rows < T
+            k = _load_keys(k_base, rows, rmask, sk_t, K)
+            v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+            gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
+            R = tl.cumsum(gb2, axis=0, reverse=True)
+            Gb = tl.sum(gb2, axis=0)
+            kd = _flat(k * tl.exp2(Gb[None] - R), K).to(DOT)
+            s_b = s_b * tl.exp2(_channels(Gb, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+            if NS > 1:
+                gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
+                Gf = tl.sum(gf2, axis=0)
+                kf = _flat(k * tl.exp2(suf_f[None] + Gf[None] - tl.cumsum(gf2, axis=0)), K).to(DOT)
+                h_f += tl.dot(tl.trans(kf), v, input_precision=PREC)
+                suf_f += Gf
+                suf_b += Gb
+                tl.store(suf_base + (cc - 1) * K + rk, _channels(suf_b, K), mask=(rk < K) & (cc > 0))
+                tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT), mask=(st_off >= 0) & (cc > 0))
+            else:
+                tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
+        if NS > 1:
+            _store_summary(HF, GTF, i_bh, i_s, i_v, h_f, suf_f, NS, K, DV, BV, True)
+            _store_summary(HB, GTB, i_bh, i_s, i_v, s_b, suf_b, NS, K, DV, BV, True)
+            _publish(SYNC, group, i_s, NS)
     tl.debug_barrier()
 
-    # pass 2, left to right: everything else
-    r_loc = tl.arange(0, BT)
-    lower = r_loc[None, :] <= r_loc[:, None]
-    upper = r_loc[None, :] >= r_loc[:, None]
-    for cc in range(0, CPS):
-        rows = (i_s * CPS + cc) * BT + r_loc
-        rmask = rows < T
-        q = _load_keys(q_base, rows, rmask, sq_t, K) * qscale
-        k = _load_keys(k_base, rows, rmask, sk_t, K)
-        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
-        gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
-        gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
-        F = tl.cumsum(gf2, axis=0)
-        R = tl.cumsum(gb2, axis=0, reverse=True)
-        Gf = tl.sum(gf2, axis=0)
-        Gb = tl.sum(gb2, axis=0)
-        fm = 0.5 * Gf[None]  # the reference: half the chunk total (F, R lie in [G, 0])
-        rm = 0.5 * Gb[None]
-        qf = q * tl.exp2(F - fm)
-        kf = k * tl.exp2(fm - F)
-        qb = q * tl.exp2(R - rm)
-        kb = k * tl.exp2(rm - R)
+    if PHASE != 1:
+        # states entering the segment: forward prefix from the left, backward suffix from the right
+        s_f = tl.zeros([K, BV], dtype=tl.float32)
+        if NS > 1:
+            _wait_for_group(SYNC, group, NS)
+            s_b = tl.zeros([K, BV], dtype=tl.float32)
+            for j in range(0, NS):
+                s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+                jr = NS - 1 - j
+                s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+            _fold_in(st_base, suf_base, s_b, CPS, K * BV, K, BV)
 
-        a = tl.dot(_flat(qf, K).to(DOT), tl.trans(_flat(kf, K).to(DOT)), input_precision=PREC)
-        w = tl.where(lower, a, 0.0)
-        a = tl.dot(_flat(qb, K).to(DOT), tl.trans(_flat(kb, K).to(DOT)), input_precision=PREC)
-        w += tl.where(upper, a, 0.0)
+        # pass 2, left to right: everything else
+        r_loc = tl.arange(0, BT)
+        lower = r_loc[None, :] <= r_loc[:, None]
+        upper = r_loc[None, :] >= r_loc[:, None]
+        for cc in range(0, CPS):
+            rows = (i_s * CPS + cc) * BT + r_loc
+            rmask = rows < T
+            q = _load_keys(q_base, rows, rmask, sq_t, K) * qscale
+            k = _load_keys(k_base, rows, rmask, sk_t, K)
+            v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+            gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
+            gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
+            F = tl.cumsum(gf2, axis=0)
+            R = tl.cumsum(gb2, axis=0, reverse=True)
+            Gf = tl.sum(gf2, axis=0)
+            Gb = tl.sum(gb2, axis=0)
+            fm = 0.5 * Gf[None]  # the reference: half the chunk total (F, R lie in [G, 0])
+            rm = 0.5 * Gb[None]
+            qf = q * tl.exp2(F - fm)
+            kf = k * tl.exp2(fm - F)
+            qb = q * tl.exp2(R - rm)
+            kb = k * tl.exp2(rm - R)
 
-        acc = tl.dot(w.to(DOT), v, input_precision=PREC)
-        acc += tl.dot(_flat(qf * tl.exp2(fm), K).to(DOT), s_f.to(DOT), input_precision=PREC)
-        s_bn = tl.load(st_base + cc * (K * BV) + st_off)
-        acc += tl.dot(_flat(qb * tl.exp2(rm), K).to(DOT), s_bn, input_precision=PREC)
-        _store_rows(o_base, rows, rmask, so_t, acc, BV)
+            a = tl.dot(_flat(qf, K).to(DOT), tl.trans(_flat(kf, K).to(DOT)), input_precision=PREC)
+            w = tl.where(lower, a, 0.0)
+            a = tl.dot(_flat(qb, K).to(DOT), tl.trans(_flat(kb, K).to(DOT)), input_precision=PREC)
+            w += tl.where(upper, a, 0.0)
 
-        kd = _flat(kf * tl.exp2(Gf[None] - fm), K).to(DOT)
-        s_f = s_f * tl.exp2(_channels(Gf, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+            acc = tl.dot(w.to(DOT), v, input_precision=PREC)
+            acc += tl.dot(_flat(qf * tl.exp2(fm), K).to(DOT), s_f.to(DOT), input_precision=PREC)
+            s_bn = tl.load(st_base + cc * (K * BV) + st_off)
+            acc += tl.dot(_flat(qb * tl.exp2(rm), K).to(DOT), s_bn, input_precision=PREC)
+            _store_rows(o_base, rows, rmask, so_t, acc, BV)
+
+            kd = _flat(kf * tl.exp2(Gf[None] - fm), K).to(DOT)
+            s_f = s_f * tl.exp2(_channels(Gf, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,21 +326,16 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, HF, HB, GTF, GTB,
 
 
 @triton.jit
-def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF, DSB, GTF, GTB,
+def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB, DSF, DSB, GTF, GTB, SYNC,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                 sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, sd_b, sd_t, sd_h,
                 sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                 sdf_b, sdf_t, sdf_h, sdg_b, sdg_t, sdg_h, part_stride,
                 T, H, qscale,
                 K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-                NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
-    i_bh = tl.program_id(0)
-    i_s = tl.program_id(1)
-    i_v = tl.program_id(2)
-    BH = tl.num_programs(0)
-    NV = tl.num_programs(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
+                NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                PHASE: tl.constexpr):
+    i_b, i_h, i_bh, i_s, i_v, group, slot = _coords(SYNC, H, NS, DV // BV, PHASE)
     q_base = _seq_base(Q, i_b, i_h, sq_b, sq_h)
     k_base = _seq_base(Kp, i_b, i_h, sk_b, sk_h)
     v_base = _seq_base(V, i_b, i_h, sv_b, sv_h) + i_v * BV
@@ -324,132 +348,162 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, HF, HB, DSF,
     dv_base = _seq_base(DVp, i_b, i_h, sdv_b, sdv_h) + i_v * BV
     dgf_base = _seq_base(DGF, i_b, i_h, sdf_b, sdf_h) + part
     dgb_base = _seq_base(DGB, i_b, i_h, sdg_b, sdg_h) + part
-    st_base = STASH + (((i_s * BH + i_bh) * NV + i_v) * CPS * 2).to(tl.int64) * (K * BV)
+    st_base = STASH + (slot * CPS * 2).to(tl.int64) * (K * BV)
+    suf_base = SUF + (slot * CPS).to(tl.int64) * K
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
+    rk = tl.arange(0, K)
 
-    # s_f: keys left of the segment; s_b: keys right of it; ds_f: queries right; ds_b: queries left
-    s_f = tl.zeros([K, BV], dtype=tl.float32)
-    s_b = tl.zeros([K, BV], dtype=tl.float32)
-    ds_f = tl.zeros([K, BV], dtype=tl.float32)
-    ds_b = tl.zeros([K, BV], dtype=tl.float32)
-    if NS > 1:
-        for j in range(0, NS):
-            s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
-            ds_b = _scan_in(ds_b, DSB, GTB, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
-            jr = NS - 1 - j
-            s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
-            ds_f = _scan_in(ds_f, DSF, GTF, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
-
-    # pass 1, right to left: stash (backward key state from the right, forward query-gradient state from
-    # the right) for every chunk
-    tl.store(st_base + ((CPS - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
-    tl.store(st_base + ((CPS - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
-    for jj in range(0, CPS - 1):
-        cc = CPS - 1 - jj
-        rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
-        rmask = rows < T
-        q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
-        k = _load_rows(k_base, rows, rmask, sk_t, K)
-        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
-        do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
-        gf2 = _clamp_gate(_load_rows(gf_base, rows, rmask, sf_t, K))
-        gb2 = _clamp_gate(_load_rows(gb_base, rows, rmask, sg_t, K))
-        F = tl.cumsum(gf2, axis=0)
-        Gf = tl.sum(gf2, axis=0)
-        R = tl.cumsum(gb2, axis=0, reverse=True)
-        Gb = tl.sum(gb2, axis=0)
-        kd = (k * tl.exp2(Gb[None, :] - R)).to(DOT)
-        s_b = s_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
-        qd = (q * tl.exp2(F)).to(DOT)
-        ds_f = ds_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(qd), do, input_precision=PREC)
-        tl.store(st_base + ((cc - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
-        tl.store(st_base + ((cc - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
+    if PHASE != 2:
+        # pass 1, right to left: stash for every chunk the backward key state from its right (complete: the
+        # forward pass's summaries give the part from right of the segment) and the segment-local forward
+        # query-gradient state from its right. A split sequence also needs chunk 0, for the segment's
+        # query-gradient summaries and the forward gate total right of each chunk.
+        s_b = tl.zeros([K, BV], dtype=tl.float32)
+        ds_f = tl.zeros([K, BV], dtype=tl.float32)
+        if NS > 1:
+            for j in range(0, NS):
+                jr = NS - 1 - j
+                s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+            ds_b = tl.zeros([K, BV], dtype=tl.float32)
+            suf_f = tl.zeros([K], dtype=tl.float32)
+            suf_b = tl.zeros([K], dtype=tl.float32)
+            tl.store(suf_base + (CPS - 1) * K + rk, suf_f)
+        tl.store(st_base + ((CPS - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
+        tl.store(st_base + ((CPS - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
+        for jj in range(0, CPS if NS > 1 else CPS - 1):
+            cc = CPS - 1 - jj
+            rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
+            rmask = rows < T
+            q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
+            k = _load_rows(k_base, rows, rmask, sk_t, K)
+            v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+            do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
+            gf2 = _clamp_gate(_load_rows(gf_base, rows, rmask, sf_t, K))
+            gb2 = _clamp_gate(_load_rows(gb_base, rows, rmask, sg_t, K))
+            F = tl.cumsum(gf2, axis=0)
+            Gf = tl.sum(gf2, axis=0)
+            R = tl.cumsum(gb2, axis=0, reverse=True)
+            Gb = tl.sum(gb2, axis=0)
+            kd = (k * tl.exp2(Gb[None, :] - R)).to(DOT)
+            s_b = s_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+            qd = (q * tl.exp2(F)).to(DOT)
+            ds_f = ds_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(qd), do, input_precision=PREC)
+            if NS > 1:
+                qb = (q * tl.exp2(suf_b[None, :] + R)).to(DOT)
+                ds_b += tl.dot(tl.trans(qb), do, input_precision=PREC)
+                suf_f += Gf
+                suf_b += Gb
+                keep = (st_off >= 0) & (cc > 0)
+                tl.store(suf_base + (cc - 1) * K + rk, suf_f, mask=(rk < K) & (cc > 0))
+                tl.store(st_base + ((cc - 1) * 2) * (K * BV) + st_off, s_b.to(DOT), mask=keep)
+                tl.store(st_base + ((cc - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT), mask=keep)
+            else:
+                tl.store(st_base + ((cc - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
+                tl.store(st_base + ((cc - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
+        if NS > 1:
+            _store_summary(DSF, GTF, i_bh, i_s, i_v, ds_f, suf_f, NS, K, DV, BV, False)
+            _store_summary(DSB, GTB, i_bh, i_s, i_v, ds_b, suf_b, NS, K, DV, BV, False)
+            _publish(SYNC, group, i_s, NS)
     tl.debug_barrier()
 
-    r_loc = tl.arange(0, BT)
-    lower = r_loc[None, :] <= r_loc[:, None]
-    upper = r_loc[None, :] >= r_loc[:, None]
-    strict_lower = r_loc[None, :] < r_loc[:, None]
-    strict_upper = r_loc[None, :] > r_loc[:, None]
-    for cc in range(0, CPS):
-        rows = (i_s * CPS + cc) * BT + r_loc
-        rmask = rows < T
-        q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
-        k = _load_rows(k_base, rows, rmask, sk_t, K)
-        v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
-        do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
-        gf_raw = _load_rows(gf_base, rows, rmask, sf_t, K)
-        gb_raw = _load_rows(gb_base, rows, rmask, sg_t, K)
-        gf2 = _clamp_gate(gf_raw)
-        gb2 = _clamp_gate(gb_raw)
-        F = tl.cumsum(gf2, axis=0)
-        R = tl.cumsum(gb2, axis=0, reverse=True)
-        Gf = tl.sum(gf2, axis=0)
-        Gb = tl.sum(gb2, axis=0)
-        fm = 0.5 * Gf[None, :]
-        rm = 0.5 * Gb[None, :]
-        eqf = tl.exp2(F - fm)
-        ekf = tl.exp2(fm - F)
-        eqb = tl.exp2(R - rm)
-        ekb = tl.exp2(rm - R)
-        qf_d = (q * eqf).to(DOT)
-        kf_d = (k * ekf).to(DOT)
-        qb_d = (q * eqb).to(DOT)
-        kb_d = (k * ekb).to(DOT)
+    if PHASE != 1:
+        # s_f: keys left of the segment; ds_b: queries left of it; the query gradients right of it are
+        # folded into the stash
+        s_f = tl.zeros([K, BV], dtype=tl.float32)
+        ds_b = tl.zeros([K, BV], dtype=tl.float32)
+        if NS > 1:
+            _wait_for_group(SYNC, group, NS)
+            ds_f = tl.zeros([K, BV], dtype=tl.float32)
+            for j in range(0, NS):
+                s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+                ds_b = _scan_in(ds_b, DSB, GTB, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+                jr = NS - 1 - j
+                ds_f = _scan_in(ds_f, DSF, GTF, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+            _fold_in(st_base + K * BV, suf_base, ds_f, CPS, 2 * K * BV, K, BV)
 
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dp[t, s] = do_t . v_s
-        # The diagonal (weight 2 q~_t.k_t, q~ = q * scale / 2) cancels exactly in q*dq - k*dk: keep it out of
-        # the per-direction parts and add it to dq, dk at the end (with 16-bit operands its rounding
-        # noise would otherwise dominate the gate gradients).
-        dp_diag = 2.0 * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
-        w = tl.where(lower, tl.dot(qf_d, tl.trans(kf_d), input_precision=PREC), 0.0)
-        w += tl.where(upper, tl.dot(qb_d, tl.trans(kb_d), input_precision=PREC), 0.0)
-        da_f = tl.where(strict_lower, dp, 0.0).to(DOT)
-        da_b = tl.where(strict_upper, dp, 0.0).to(DOT)
-        dv = tl.dot(tl.trans(w.to(DOT)), do, input_precision=PREC)
+        r_loc = tl.arange(0, BT)
+        lower = r_loc[None, :] <= r_loc[:, None]
+        upper = r_loc[None, :] >= r_loc[:, None]
+        strict_lower = r_loc[None, :] < r_loc[:, None]
+        strict_upper = r_loc[None, :] > r_loc[:, None]
+        for cc in range(0, CPS):
+            rows = (i_s * CPS + cc) * BT + r_loc
+            rmask = rows < T
+            q = _load_rows(q_base, rows, rmask, sq_t, K) * qscale
+            k = _load_rows(k_base, rows, rmask, sk_t, K)
+            v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+            do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
+            gf_raw = _load_rows(gf_base, rows, rmask, sf_t, K)
+            gb_raw = _load_rows(gb_base, rows, rmask, sg_t, K)
+            gf2 = _clamp_gate(gf_raw)
+            gb2 = _clamp_gate(gb_raw)
+            F = tl.cumsum(gf2, axis=0)
+            R = tl.cumsum(gb2, axis=0, reverse=True)
+            Gf = tl.sum(gf2, axis=0)
+            Gb = tl.sum(gb2, axis=0)
+            fm = 0.5 * Gf[None, :]
+            rm = 0.5 * Gb[None, :]
+            eqf = tl.exp2(F - fm)
+            ekf = tl.exp2(fm - F)
+            eqb = tl.exp2(R - rm)
+            ekb = tl.exp2(rm - R)
+            qf_d = (q * eqf).to(DOT)
+            kf_d = (k * ekf).to(DOT)
+            qb_d = (q * eqb).to(DOT)
+            kb_d = (k * ekb).to(DOT)
 
-        s_bn = tl.load(st_base + (cc * 2) * (K * BV) + st_off)        # keys right of the chunk
-        ds_fc = tl.load(st_base + (cc * 2 + 1) * (K * BV) + st_off)   # queries right of the chunk
-        ef = tl.exp2(fm)
-        er = tl.exp2(rm)
-        ekdf = ekf * tl.exp2(Gf[None, :] - fm)  # exp(Gf - F) <= 1
-        ekdb = ekb * tl.exp2(Gb[None, :] - rm)  # exp(Gb - R) <= 1
-        kfd = k * ekdf
-        kbd = k * ekdb
-        dqf = (tl.dot(da_f, kf_d, input_precision=PREC)
-               + tl.dot(do, tl.trans(s_f.to(DOT)), input_precision=PREC) * ef) * eqf
-        dqb = (tl.dot(da_b, kb_d, input_precision=PREC)
-               + tl.dot(do, tl.trans(s_bn), input_precision=PREC) * er) * eqb
-        dkf = (tl.dot(tl.trans(da_f), qf_d, input_precision=PREC) * ekf
-               + tl.dot(v, tl.trans(ds_fc), input_precision=PREC) * ekdf)
-        dkb = (tl.dot(tl.trans(da_b), qb_d, input_precision=PREC) * ekb
-               + tl.dot(v, tl.trans(ds_b.to(DOT)), input_precision=PREC) * ekdb)
-        kfd_d = kfd.to(DOT)
-        dv += tl.dot(kfd_d, ds_fc, input_precision=PREC)
-        dv += tl.dot(kbd.to(DOT), ds_b.to(DOT), input_precision=PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dp[t, s] = do_t . v_s
+            # The diagonal (weight 2 q~_t.k_t, q~ = q * scale / 2) cancels exactly in q*dq - k*dk: keep it out of
+            # the per-direction parts and add it to dq, dk at the end (with 16-bit operands its rounding
+            # noise would otherwise dominate the gate gradients).
+            dp_diag = 2.0 * tl.sum(do.to(tl.float32) * v.to(tl.float32), axis=1)
+            w = tl.where(lower, tl.dot(qf_d, tl.trans(kf_d), input_precision=PREC), 0.0)
+            w += tl.where(upper, tl.dot(qb_d, tl.trans(kb_d), input_precision=PREC), 0.0)
+            da_f = tl.where(strict_lower, dp, 0.0).to(DOT)
+            da_b = tl.where(strict_upper, dp, 0.0).to(DOT)
+            dv = tl.dot(tl.trans(w.to(DOT)), do, input_precision=PREC)
 
-        diag = dp_diag[:, None]
-        _store_rows(dq_base, rows, rmask, sdq_t, (dqf + dqb + diag * k) * qscale, K)
-        _store_rows(dk_base, rows, rmask, sdk_t, dkf + dkb + diag * q, K)
-        _store_rows(dv_base, rows, rmask, sdv_t, dv, BV)
+            s_bn = tl.load(st_base + (cc * 2) * (K * BV) + st_off)        # keys right of the chunk
+            ds_fc = tl.load(st_base + (cc * 2 + 1) * (K * BV) + st_off)   # queries right of the chunk
+            ef = tl.exp2(fm)
+            er = tl.exp2(rm)
+            ekdf = ekf * tl.exp2(Gf[None, :] - fm)  # exp(Gf - F) <= 1
+            ekdb = ekb * tl.exp2(Gb[None, :] - rm)  # exp(Gb - R) <= 1
+            kfd = k * ekdf
+            kbd = k * ekdb
+            dqf = (tl.dot(da_f, kf_d, input_precision=PREC)
+                   + tl.dot(do, tl.trans(s_f.to(DOT)), input_precision=PREC) * ef) * eqf
+            dqb = (tl.dot(da_b, kb_d, input_precision=PREC)
+                   + tl.dot(do, tl.trans(s_bn), input_precision=PREC) * er) * eqb
+            dkf = (tl.dot(tl.trans(da_f), qf_d, input_precision=PREC) * ekf
+                   + tl.dot(v, tl.trans(ds_fc), input_precision=PREC) * ekdf)
+            dkb = (tl.dot(tl.trans(da_b), qb_d, input_precision=PREC) * ekb
+                   + tl.dot(v, tl.trans(ds_b.to(DOT)), input_precision=PREC) * ekdb)
+            kfd_d = kfd.to(DOT)
+            dv += tl.dot(kfd_d, ds_fc, input_precision=PREC)
+            dv += tl.dot(kbd.to(DOT), ds_b.to(DOT), input_precision=PREC)
 
-        # state updates (after them: s_f holds keys up to the chunk end, ds_b queries up to the chunk end)
-        s_f = s_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(kfd_d), v, input_precision=PREC)
-        ds_b = ds_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans((q * eqb * er).to(DOT)), do, input_precision=PREC)
+            diag = dp_diag[:, None]
+            _store_rows(dq_base, rows, rmask, sdq_t, (dqf + dqb + diag * k) * qscale, K)
+            _store_rows(dk_base, rows, rmask, sdk_t, dkf + dkb + diag * q, K)
+            _store_rows(dv_base, rows, rmask, sdv_t, dv, BV)
 
-        # gate gradients: dg^f_r = sum_{t >= r} (q dq^f - k dk^f)_t, dg^b_r = sum_{t <= r} (q dq^b - k dk^b)_t,
-        # split at the chunk end into a within-chunk sum and a boundary term rowsum(S * dS)
-        d_f = q * dqf - k * dkf
-        d_b = q * dqb - k * dkb
-        bf = tl.sum(s_f * ds_fc.to(tl.float32), axis=1)
-        bb = tl.sum(s_bn.to(tl.float32) * ds_b, axis=1)
-        dgf = bf[None, :] + tl.cumsum(d_f, axis=0, reverse=True)
-        dgb = bb[None, :] - (tl.cumsum(d_b, axis=0, reverse=True) - d_b)
-        dgf = tl.where((gf_raw >= _GMIN) & (gf_raw <= 0.0), dgf, 0.0)
-        dgb = tl.where((gb_raw >= _GMIN) & (gb_raw <= 0.0), dgb, 0.0)
-        _store_rows(dgf_base, rows, rmask, sdf_t, dgf, K)
-        _store_rows(dgb_base, rows, rmask, sdg_t, dgb, K)
+            # state updates (after them: s_f holds keys up to the chunk end, ds_b queries up to the chunk end)
+            s_f = s_f * tl.exp2(Gf)[:, None] + tl.dot(tl.trans(kfd_d), v, input_precision=PREC)
+            ds_b = ds_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans((q * eqb * er).to(DOT)), do, input_precision=PREC)
 
+            # gate gradients: dg^f_r = sum_{t >= r} (q dq^f - k dk^f)_t, dg^b_r = sum_{t <= r} (q dq^b - k dk^b)_t,
+            # split at the chunk end into a within-chunk sum and a boundary term rowsum(S * dS)
+            d_f = q * dqf - k * dkf
+            d_b = q * dqb - k * dkb
+            bf = tl.sum(s_f * ds_fc.to(tl.float32), axis=1)
+            bb = tl.sum(s_bn.to(tl.float32) * ds_b, axis=1)
+            dgf = bf[None, :] + tl.cumsum(d_f, axis=0, reverse=True)
+            dgb = bb[None, :] - (tl.cumsum(d_b, axis=0, reverse=True) - d_b)
+            dgf = tl.where((gf_raw >= _GMIN) & (gf_raw <= 0.0), dgf, 0.0)
+            dgb = tl.where((gb_raw >= _GMIN) & (gb_raw <= 0.0), dgb, 0.0)
+            _store_rows(dgf_base, rows, rmask, sdf_t, dgf, K)
+            _store_rows(dgb_base, rows, rmask, sdg_t, dgb, K)
 
 # ----------------------------------------------------------------------------------------------------------
 # host side
@@ -502,24 +556,32 @@ def _sm_count(device: torch.device) -> int:
 
 def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: torch.device,
           segments: int | None = None):
-    """Chunk size, value-block width and the split of each sequence into segments."""
+    """Chunk size, value-block width and the split of each sequence into segments.
+
+    The split minimises ``backward waves x (chunks per segment + SEGMENT_COST x segments)``: each program's
+    chain of chunk steps is the time of one wave of the backward (the larger kernel), and a program also
+    folds in the states of every other segment of its sequence. Fitted to a sweep of 1 to 32 segments at
+    nine ViG shapes on an H200 (docs/kernels.md), where it picks the fastest split at eight and one within
+    0.7% at the ninth."""
     bt = CHUNK
     bv = min(value_dim, VALUE_BLOCK or max(16, 4096 // key_dim))
     nv = value_dim // bv
     n_chunks = triton.cdiv(length, bt)
     if segments is None:
-        programs = batch_heads * nv
-        target = PROGRAMS_PER_SM * _sm_count(device)
-        segments = 1 if programs >= target else min(triton.cdiv(target, programs), MAX_SEGMENTS)
-        segments = max(1, min(segments, n_chunks // 2))
-        if n_chunks < MIN_SPLIT_CHUNKS and triton.cdiv(n_chunks, segments) > SHORT_SEGMENT_CHUNKS:
-            # The summary launch and its chain cost more than the split saves here. H200, ViG-T heads, 196
-            # tokens: 96 programs in 3 segments of 5 chunks are 26% slower than unsplit, 48 programs in 5 of 3
-            # are 1.9x faster (benchmarks/bigla_occupancy.py).
-            segments = 1
+        def cost(split):
+            cps = triton.cdiv(n_chunks, split)
+            ns = triton.cdiv(n_chunks, cps)
+            return _backward_waves(batch_heads * nv * ns, ns, device) * (cps + SEGMENT_COST * ns)
+
+        segments = min(range(1, max(1, min(MAX_SEGMENTS, n_chunks // 2)) + 1), key=cost)
     cps = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
     ns = triton.cdiv(n_chunks, cps)
     return bt, bv, nv, ns, cps
+
+
+def _backward_waves(programs: int, segments: int, device: torch.device) -> int:
+    per_sm = BWD_PROGRAMS_PER_SM + (1 if _cap_backward(programs, segments, device) else 0)
+    return triton.cdiv(programs, per_sm * _sm_count(device))
 
 
 def _cap_backward(programs: int, segments: int, device: torch.device) -> bool:
@@ -545,42 +607,51 @@ def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _summaries(x, y, g1, g2, xscale, plan, incl, dot, prec, stash_needed_gt):
+def _segment_buffers(q, v, plan, n_states):
+    """Per-launch workspace: the stash (n_states tiles per chunk), the gate totals right of each chunk and the
+    ticket counter and publish flags of split sequences (zeroed: one word each)."""
     bt, bv, nv, ns, cps = plan
-    batch, length, heads, key_dim = x.shape
-    value_dim = y.shape[-1]
-    bh = batch * heads
-    out1 = torch.empty(bh, ns, key_dim, value_dim, device=x.device, dtype=torch.float32)
-    out2 = torch.empty_like(out1)
-    gt1 = torch.empty(bh, ns, key_dim, device=x.device, dtype=torch.float32) if stash_needed_gt else out1
-    gt2 = torch.empty_like(gt1) if stash_needed_gt else out1
-    _launch("summary", _summary_kernel, (bh, ns, nv),
-        x, y, g1, g2, out1, out2, gt1, gt2,
-        *_strides(x), *_strides(y), *_strides(g1), *_strides(g2),
-        length, heads, xscale,
-        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec,
-        INCL=incl, STORE_GT=stash_needed_gt, num_warps=FWD_WARPS)
-    return out1, out2, gt1, gt2
+    batch, _, heads, key_dim = q.shape
+    programs = batch * heads * nv * ns
+    _, _, stash_dtype = _dot_types(q.dtype)
+    stash = torch.empty(programs * cps * n_states * key_dim * bv, device=q.device, dtype=stash_dtype)
+    if ns == 1:
+        return programs, stash, stash, stash
+    suffix = torch.empty(programs * cps * key_dim, device=q.device, dtype=torch.float32)
+    sync = torch.zeros(1 + programs, device=q.device, dtype=torch.int32)
+    return programs, stash, suffix, sync
+
+
+def _summary_buffers(q, v, plan):
+    """Two [B*H, segments, K, V] states and two [B*H, segments, K] gate totals, one entry per segment."""
+    state, _, total, _ = _summary_shapes(q, v, plan)
+    return (torch.empty(state, device=q.device, dtype=torch.float32),
+            torch.empty(state, device=q.device, dtype=torch.float32),
+            torch.empty(total, device=q.device, dtype=torch.float32),
+            torch.empty(total, device=q.device, dtype=torch.float32))
+
+
+def _phases(ns: int):
+    """PHASE 0 runs a split sequence's segments in one launch; the interpreter, which runs programs one after
+    another, cannot wait inside a launch, so it publishes (1) and consumes (2) in two."""
+    return (1, 2) if ns > 1 and _interpreting() else (0,)
 
 
 def _forward(q, k, v, g_fwd, g_bwd, scale, plan):
     bt, bv, nv, ns, cps = plan
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    bh = batch * heads
-    dot, prec, stash_dtype = _dot_types(q.dtype)
+    dot, prec, _ = _dot_types(q.dtype)
     o = torch.empty(batch, length, heads, value_dim, device=q.device, dtype=v.dtype)
-    if ns > 1:
-        hf, hb, gtf, gtb = _summaries(k, v, g_fwd, g_bwd, 1.0, plan, False, dot, prec, True)
-    else:
-        hf = hb = gtf = gtb = o  # unused
-    stash = torch.empty(ns * bh * nv * cps * key_dim * bv, device=q.device, dtype=stash_dtype)
-    _launch("fwd", _fwd_kernel, (bh, ns, nv),
-        q, k, v, g_fwd, g_bwd, o, stash, hf, hb, gtf, gtb,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(o),
-        length, heads, 0.5 * scale,
-        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=FWD_WARPS,
-        max_registers=FWD_MAX_REGISTERS)
+    programs, stash, suffix, sync = _segment_buffers(q, v, plan, 1)
+    hf, hb, gtf, gtb = _summary_buffers(q, v, plan) if ns > 1 else (o,) * 4
+    for phase in _phases(ns):
+        _launch("fwd", _fwd_kernel, (programs,),
+            q, k, v, g_fwd, g_bwd, o, stash, suffix, hf, hb, gtf, gtb, sync,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(o),
+            length, heads, 0.5 * scale,
+            K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, PHASE=phase,
+            num_warps=FWD_WARPS, max_registers=FWD_MAX_REGISTERS)
     return o, ((hf, hb, gtf, gtb) if ns > 1 else ())
 
 
@@ -588,11 +659,10 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
     bt, bv, nv, ns, cps = plan
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
-    bh = batch * heads
-    dot, prec, stash_dtype = _dot_types(q.dtype)
+    dot, prec, _ = _dot_types(q.dtype)
     if ns > 1:
         hf, hb, gtf, gtb = summaries
-        dsb, dsf, _, _ = _summaries(q, do, g_bwd, g_fwd, 0.5 * scale, plan, True, dot, prec, False)
+        dsf, dsb, _, _ = _summary_buffers(q, v, plan)
     else:
         hf = hb = gtf = gtb = dsf = dsb = q  # unused
     if nv == 1:
@@ -604,15 +674,17 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
         dq, dk, dgf, dgb = (torch.empty(shape, device=q.device, dtype=torch.float32) for _ in range(4))
         part_stride = dq.stride(0)
     dv = torch.empty_like(v)
-    stash = torch.empty(ns * bh * nv * cps * 2 * key_dim * bv, device=q.device, dtype=stash_dtype)
+    programs, stash, suffix, sync = _segment_buffers(q, v, plan, 2)
     dqs, dks, dgfs, dgbs = (x[0] if nv > 1 else x for x in (dq, dk, dgf, dgb))
-    _launch("bwd", _bwd_kernel, (bh, ns, nv),
-        q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, stash, hf, hb, dsf, dsb, gtf, gtb,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(do),
-        *_strides(dqs), *_strides(dks), *_strides(dv), *_strides(dgfs), *_strides(dgbs), part_stride,
-        length, heads, 0.5 * scale,
-        K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, num_warps=BWD_WARPS,
-        max_registers=BWD_MAX_REGISTERS if _cap_backward(bh * nv, ns, q.device) else None)
+    for phase in _phases(ns):
+        _launch("bwd", _bwd_kernel, (programs,),
+            q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, stash, suffix, hf, hb, dsf, dsb, gtf, gtb, sync,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(do),
+            *_strides(dqs), *_strides(dks), *_strides(dv), *_strides(dgfs), *_strides(dgbs), part_stride,
+            length, heads, 0.5 * scale,
+            K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, PHASE=phase,
+            num_warps=BWD_WARPS,
+            max_registers=BWD_MAX_REGISTERS if _cap_backward(programs, ns, q.device) else None)
     if nv > 1:
         dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype)
         dgf, dgb = dgf.sum(0).to(g_fwd.dtype), dgb.sum(0).to(g_bwd.dtype)
