@@ -69,7 +69,7 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 # small jit helpers
 # ----------------------------------------------------------------------------------------------------------
-# The forward and summary kernels hold q, k and the gates as [rows, K // 8, 8] tiles (_load_keys): Triton then
+# The forward kernel holds q, k and the gates as [rows, K // 8, 8] tiles (_load_keys): Triton then
 # lays the rows of each group of 8 channels across the lanes of one warp and the groups across warps, so the
 # chunk's cumulative sums and totals along rows stay inside a warp (shuffles) instead of crossing warps
 # through shared memory and barriers, as they do in a [rows, K] tile. They are flattened to [rows, K] only
