@@ -561,8 +561,8 @@ def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: t
     The split minimises ``backward waves x (chunks per segment + SEGMENT_COST x segments)``: each program's
     chain of chunk steps is the time of one wave of the backward (the larger kernel), and a program also
     folds in the states of every other segment of its sequence. Fitted to a sweep of 1 to 32 segments at
-    nine ViG shapes on an H200 (docs/kernels.md), where it picks the fastest split at eight and one within
-    0.7% at the ninth."""
+    nine ViG shapes on an H200 (docs/kernels.md), where it picks the fastest split at eight and, at the
+    ninth, one 0.7% slower (0.5% on a re-run)."""
     bt = CHUNK
     bv = min(value_dim, VALUE_BLOCK or max(16, 4096 // key_dim))
     nv = value_dim // bv
@@ -615,7 +615,7 @@ def _segment_buffers(q, v, plan, n_states):
     programs = batch * heads * nv * ns
     _, _, stash_dtype = _dot_types(q.dtype)
     stash = torch.empty(programs * cps * n_states * key_dim * bv, device=q.device, dtype=stash_dtype)
-    if ns == 1:
+    if ns == 1:  # no exchange: the kernels never touch the suffix totals or the flags
         return programs, stash, stash, stash
     suffix = torch.empty(programs * cps * key_dim, device=q.device, dtype=torch.float32)
     sync = torch.zeros(1 + programs, device=q.device, dtype=torch.int32)
