@@ -59,7 +59,7 @@ _GMIN = tl.constexpr(GATE_MIN)
 
 
 LAST_LAUNCH: dict = {}
-"""The most recent compiled kernel of each kind (``fwd``, ``bwd``, ``summary``): registers, spills, for tuning."""
+"""The most recent compiled kernel of each kind (``fwd``, ``bwd``): registers, spills, for tuning."""
 
 
 def _interpreting() -> bool:
@@ -262,7 +262,7 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
                 suf_b += Gb
                 tl.store(suf_base + (cc - 1) * K + rk, _channels(suf_b, K), mask=(rk < K) & (cc > 0))
                 tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT), mask=(st_off >= 0) & (cc > 0))
-            else:
+            else:  # unsplit, chunk 0 never comes: no mask on the hot path
                 tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
         if NS > 1:
             _store_summary(HF, GTF, i_bh, i_s, i_v, h_f, suf_f, NS, K, DV, BV, True)
@@ -397,7 +397,7 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
                 tl.store(suf_base + (cc - 1) * K + rk, suf_f, mask=(rk < K) & (cc > 0))
                 tl.store(st_base + ((cc - 1) * 2) * (K * BV) + st_off, s_b.to(DOT), mask=keep)
                 tl.store(st_base + ((cc - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT), mask=keep)
-            else:
+            else:  # unsplit, chunk 0 never comes: no mask on the hot path
                 tl.store(st_base + ((cc - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
                 tl.store(st_base + ((cc - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
         if NS > 1:
@@ -622,13 +622,11 @@ def _segment_buffers(q, v, plan, n_states):
     return programs, stash, suffix, sync
 
 
-def _summary_buffers(q, v, plan):
-    """Two [B*H, segments, K, V] states and two [B*H, segments, K] gate totals, one entry per segment."""
+def _summary_buffers(q, v, plan, with_totals):
+    """Two [B*H, segments, K, V] states and, with_totals, two [B*H, segments, K] gate totals."""
     state, _, total, _ = _summary_shapes(q, v, plan)
-    return (torch.empty(state, device=q.device, dtype=torch.float32),
-            torch.empty(state, device=q.device, dtype=torch.float32),
-            torch.empty(total, device=q.device, dtype=torch.float32),
-            torch.empty(total, device=q.device, dtype=torch.float32))
+    shapes = (state, state, total, total) if with_totals else (state, state)
+    return tuple(torch.empty(shape, device=q.device, dtype=torch.float32) for shape in shapes)
 
 
 def _phases(ns: int):
@@ -644,7 +642,7 @@ def _forward(q, k, v, g_fwd, g_bwd, scale, plan):
     dot, prec, _ = _dot_types(q.dtype)
     o = torch.empty(batch, length, heads, value_dim, device=q.device, dtype=v.dtype)
     programs, stash, suffix, sync = _segment_buffers(q, v, plan, 1)
-    hf, hb, gtf, gtb = _summary_buffers(q, v, plan) if ns > 1 else (o,) * 4
+    hf, hb, gtf, gtb = _summary_buffers(q, v, plan, True) if ns > 1 else (o,) * 4
     for phase in _phases(ns):
         _launch("fwd", _fwd_kernel, (programs,),
             q, k, v, g_fwd, g_bwd, o, stash, suffix, hf, hb, gtf, gtb, sync,
@@ -662,7 +660,7 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
     dot, prec, _ = _dot_types(q.dtype)
     if ns > 1:
         hf, hb, gtf, gtb = summaries
-        dsf, dsb, _, _ = _summary_buffers(q, v, plan)
+        dsf, dsb = _summary_buffers(q, v, plan, False)
     else:
         hf = hb = gtf = gtb = dsf = dsb = q  # unused
     if nv == 1:
