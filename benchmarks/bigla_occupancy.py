@@ -9,11 +9,13 @@
 Each program runs one (batch, head) sequence, so a batch of SMs/3 sequences puts one program on each SM and
 its time is the latency of one program's chain of chunk steps; with three programs per SM (the ViG-T 224
 batch-128 grid) the programs also compete for issue slots. Then a sweep of segments per sequence at the shapes
-where splitting matters, which the launcher's split (fused._plan, SEGMENT_COST) is fitted to. Results and
-reading: docs/kernels.md.
+where splitting matters, which the launcher's split (fused._plan, SEGMENT_COST) is fitted to, and a sweep of
+the segments one forward program owns at that split (fused._forward_group). ``--part`` runs one of the three.
+Results and reading: docs/kernels.md.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -59,7 +61,33 @@ def segment_sweep():
         print(f"| {heads} | {tokens} | {batch} | {chunks} | " + " | ".join(cells) + " |", flush=True)
 
 
-def main():
+def forward_group_sweep():
+    """Forward time against the segments each forward program owns, at the plan's split (every divisor of
+    it), and fwd+bwd with one segment per forward program against the plan's choice where they differ."""
+    print("\nSegments per forward program at the plan's split, graph replay, fwd µs (* the plan's choice); "
+          "fwd+bwd µs with 1 and with the plan's choice")
+    print("| heads | tokens | batch | segments | fwd by segments per forward program | fwd+bwd 1 → plan |")
+    print("|---|---|---|---|---|---|")
+    for heads, tokens, batch in SWEEP_SHAPES:
+        make = lambda grad, b=batch, t=tokens, h=heads: make_gla_inputs(b, t, h, "cuda", grad)  # noqa: E731
+        plan = fused._plan(batch * heads, tokens, 32, 64, torch.device("cuda"))
+        segments, planned = plan[3], plan[5]
+        op = with_segments(segments)
+        times = {}
+        for group in (g for g in range(1, segments + 1) if segments % g == 0):
+            fused.FWD_SEGMENTS_PER_PROGRAM = group
+            try:
+                times[group] = [bench_graph(op, make, 4, 30, False) * 1e3]
+                if group in (1, planned) and planned != 1:
+                    times[group].append(bench_graph(op, make, 4, 30, True) * 1e3)
+            finally:
+                fused.FWD_SEGMENTS_PER_PROGRAM = None
+        fwd = ", ".join(f"{group}: {'*' if group == planned else ''}{t[0]:.1f}" for group, t in times.items())
+        both = f"{times[1][1]:.1f} → {times[planned][1]:.1f}" if planned != 1 else ""
+        print(f"| {heads} | {tokens} | {batch} | {segments} | {fwd} | {both} |", flush=True)
+
+
+def occupancy():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for batch in (sms // HEADS, 2 * sms // HEADS, 3 * sms // HEADS, 128, 256):
@@ -75,7 +103,16 @@ def main():
     print("|---|---|---|---|---|---|")
     for batch, programs, per_sm, fwd, fwd_bwd, regs in rows:
         print(f"| {batch} | {programs} | {per_sm:.2f} | {fwd:.1f} | {fwd_bwd:.1f} | {regs} |")
-    segment_sweep()
+
+
+def main():
+    parts = {"occupancy": occupancy, "segments": segment_sweep, "groups": forward_group_sweep}
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["all", *parts], default="all")
+    args = ap.parse_args()
+    for name, part in parts.items():
+        if args.part in ("all", name):
+            part()
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def main():
     ap.add_argument("--value-dim", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--segments", type=int, default=1, help="segments per sequence (1: no segment exchange)")
+    ap.add_argument("--forward-group", type=int, default=1, help="segments per forward program (divides --segments)")
     ap.add_argument("--fwd-max-registers", type=int, default=fused.FWD_MAX_REGISTERS)
     ap.add_argument("--bwd-max-registers", type=int, default=None,
                     help=f"ptxas register cap of the backward (the launcher applies {fused.BWD_MAX_REGISTERS} "
@@ -135,15 +136,16 @@ def main():
 
     dtype = getattr(torch, args.dtype)
     B, T, H, K, V = args.batch, args.tokens, args.heads, args.key_dim, args.value_dim
-    bt, bv, nv, ns, cps = fused._plan(B * H, T, K, V, torch.device("cpu"), segments=args.segments)
+    bt, bv, nv, ns, cps, _ = fused._plan(B * H, T, K, V, torch.device("cpu"), segments=args.segments)
     dot, prec, stash_dtype = fused._dot_types(dtype)
     qk_strides = {"b": T * H * K, "t": H * K, "h": K}
     v_strides = {"b": T * H * V, "t": H * V, "h": V}
     data, gate, stash = POINTER_TYPES[dtype], "*fp32", POINTER_TYPES[stash_dtype]
     shared = dict(K=K, DV=V, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, PHASE=0)
+    forward = dict(shared, SUB=args.forward_group)
     source = open(fused.__file__).read().splitlines()
     print(f"B={B} T={T} H={H} K={K} V={V} {args.dtype}: chunk {bt}, value block {bv}, {ns} segment(s) of {cps} "
-          f"chunks, triton {triton.__version__}, sm_90")
+          f"chunks, {args.forward_group} per forward program, triton {triton.__version__}, sm_90")
 
     def integers(prefixes_qk, prefixes_v, extra=()):
         values = {"T": T, "H": H, **dict.fromkeys(extra, 0)}
@@ -156,7 +158,7 @@ def main():
     fwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, O=data, STASH=stash, SUF=gate, HF=gate,
                         HB=gate, GTF=gate, GTB=gate, SYNC="*i32")
     compiled = compile_kernel(fused._fwd_kernel, fwd_pointers, integers(("sq", "sk", "sf", "sg"), ("sv", "so")),
-                              ("qscale",), shared, fused.FWD_WARPS, args.fwd_max_registers)
+                              ("qscale",), forward, fused.FWD_WARPS, args.fwd_max_registers)
     report("forward", compiled, args.lines, source)
 
     bwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, DO=data, DQ=data, DK=data, DVp=data,

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernels.bigla import fused  # noqa: E402
 from kernels.bigla.fused import GATE_MIN, bigla_triton  # noqa: E402
 from kernels.bigla.reference import bigla_reference  # noqa: E402
 
@@ -52,7 +53,7 @@ def rms_ratio(out, ref):
 
 
 def run_case(batch, length, heads, key_dim, value_dim, gate="weak", segments=None,
-             noncontiguous=False, seed=0):
+             noncontiguous=False, seed=0, forward_group=None):
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(batch, length, heads, key_dim, generator=gen) for _ in range(2))
     v = torch.randn(batch, length, heads, value_dim, generator=gen)
@@ -64,7 +65,11 @@ def run_case(batch, length, heads, key_dim, value_dim, gate="weak", segments=Non
     if noncontiguous:  # q, k, v with a last-dim stride of 2; gates in [B, H, T, K] memory order
         inputs = [torch.stack([x, x], -1)[..., 0] for x in leaves[:3]]
         inputs += [x.transpose(1, 2).contiguous().transpose(1, 2) for x in leaves[3:]]
-    out = bigla_triton(*inputs, segments=segments)
+    fused.FWD_SEGMENTS_PER_PROGRAM = forward_group
+    try:
+        out = bigla_triton(*inputs, segments=segments)
+    finally:
+        fused.FWD_SEGMENTS_PER_PROGRAM = None
     (out * do).sum().backward()
 
     ref_leaves = [x.double().clone().requires_grad_() for x in (q, k, v, g_f, g_b)]
@@ -87,7 +92,8 @@ def run_case(batch, length, heads, key_dim, value_dim, gate="weak", segments=Non
         if r >= TOL and (a.double() - b.double()).abs().max().item() > 1e-6:
             failures.append(f"{name} ratio {r:.2e}")
     desc = (f"B={batch} T={length} H={heads} K={key_dim} V={value_dim} gate={gate} "
-            f"segments={segments} noncontiguous={noncontiguous}")
+            f"segments={segments} noncontiguous={noncontiguous}"
+            + (f" forward_group={forward_group}" if forward_group else ""))
     print(f"{'FAIL' if failures else 'ok  '} {desc}: " + " ".join(f"{n}={r:.1e}" for n, r in zip(names, ratios))
           + ("  <- " + ", ".join(failures) if failures else ""), flush=True)
     return not failures
@@ -114,6 +120,10 @@ CASES = {
         dict(batch=1, length=70, heads=1, key_dim=64, value_dim=16, gate="weak", segments=2),
         dict(batch=2, length=90, heads=2, key_dim=64, value_dim=128, gate="typical", segments=3),
         dict(batch=2, length=40, heads=3, key_dim=32, value_dim=64, gate="weak", noncontiguous=True),
+        # forward programs that own several consecutive segments
+        dict(batch=2, length=300, heads=1, key_dim=32, value_dim=64, gate="strong", segments=4, forward_group=2),
+        dict(batch=1, length=190, heads=2, key_dim=16, value_dim=32, gate="typical", segments=6, forward_group=3),
+        dict(batch=2, length=90, heads=2, key_dim=64, value_dim=128, gate="typical", segments=3, forward_group=3),
     ],
 }
 

@@ -95,21 +95,36 @@ def test_shape_errors_are_clear():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("programs, tokens, segments, chunks_per_segment", [
-    (1, 196, 5, 3),     # a short sequence on an empty GPU: split into segments of 3 chunks
-    (4, 196, 2, 7),     # half a backward wave: two segments fill it
-    (3, 1024, 5, 13),   # two full waves of 13-chunk segments beat one wave of 32-chunk ones
-    (4, 1024, 2, 32),   # one full wave
-    (8, 196, 1, 13),    # a full wave already
-    (10, 196, 1, 13),   # one wave only under the backward's register cap (3 programs per SM), which needs one segment
-    (8, 4096, 1, 256),  # splitting adds waves in proportion
+@pytest.mark.parametrize("programs, tokens, segments, chunks_per_segment, forward_group", [
+    (1, 196, 5, 3, 1),     # a short sequence on an empty GPU: split into segments of 3 chunks
+    (4, 196, 2, 7, 1),     # half a backward wave: two segments fill it
+    (3, 1024, 5, 13, 1),   # two full waves of 13-chunk segments beat one wave of 32-chunk ones
+    (4, 1024, 2, 32, 1),   # one full wave
+    (8, 196, 1, 13, 1),    # a full wave already
+    (10, 196, 1, 13, 1),   # one wave only under the backward's register cap (3 programs per SM): one segment
+    (8, 4096, 1, 256, 1),  # splitting adds waves in proportion
+    (3, 4096, 8, 32, 2),   # 24 forward programs would need two waves of 16: 12 programs of two segments need one
+    (6, 1024, 4, 16, 2),   # the same at 1024 tokens
+    (5, 4096, 8, 32, 1),   # 40 programs take three forward waves, 20 take two: no gain for twice the chain
 ])
-def test_segment_plan(programs, tokens, segments, chunks_per_segment):
+def test_segment_plan(programs, tokens, segments, chunks_per_segment, forward_group):
     from kernels.bigla import fused
-    # a CPU device stands for 4 SMs: a backward wave is 8 programs (12 under the register cap)
+    # a CPU device stands for 4 SMs: a backward wave is 8 programs (12 under the register cap), a forward one 16
     plan = fused._plan(programs, tokens, 32, 64, torch.device("cpu"))
-    assert plan[3:] == (segments, chunks_per_segment)
+    assert plan[3:] == (segments, chunks_per_segment, forward_group)
     assert plan[3] * plan[4] >= -(-tokens // fused.CHUNK)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_forward_group_override_must_divide_the_split():
+    from kernels.bigla import fused
+    fused.FWD_SEGMENTS_PER_PROGRAM = 3
+    try:
+        assert fused._plan(3, 4096, 32, 64, torch.device("cpu"), segments=6)[5] == 3
+        with pytest.raises(ValueError, match="does not divide the plan's 8 segments"):
+            fused._plan(3, 4096, 32, 64, torch.device("cpu"))
+    finally:
+        fused.FWD_SEGMENTS_PER_PROGRAM = None
 
 
 # ------------------------------------------------------------------------------------------------------

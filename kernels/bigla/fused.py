@@ -51,6 +51,8 @@ NUM_STAGES = None  # software-pipelining depth of the chunk loops (None: Triton'
 FWD_MAX_REGISTERS = None  # register cap per thread (ptxas maxnreg; None: the compiler's choice)
 BWD_MAX_REGISTERS = 168  # 3 backward programs per SM instead of 2, where that turns two waves into one
 BWD_PROGRAMS_PER_SM = 2  # what 255 registers per thread and 4 warps allow (3 under the register cap)
+FWD_PROGRAMS_PER_SM = 4  # what the forward's 121 registers per thread and 4 warps allow
+FWD_SEGMENTS_PER_PROGRAM = None  # consecutive segments one forward program owns (None: the plan's choice)
 MAX_SEGMENTS = 32
 SEGMENT_COST = 0.2  # chunk steps a program spends per segment of its sequence, in the plan's cost model
 
@@ -129,7 +131,7 @@ def _channels(x, K: tl.constexpr):
 
 
 @triton.jit
-def _scan_in(acc, WS, GT, i_bh, i_s, j, NS: tl.constexpr, K: tl.constexpr, DV: tl.constexpr,
+def _scan_in(acc, WS, GT, i_bh, j, NS: tl.constexpr, K: tl.constexpr, DV: tl.constexpr,
              BV: tl.constexpr, i_v, take):
     """acc <- exp2(GT[j]) * acc + WS[j] where `take`, else acc (masked loads, no memory traffic)."""
     base = (i_bh * NS + j).to(tl.int64)
@@ -153,19 +155,20 @@ def _scan_in(acc, WS, GT, i_bh, i_s, j, NS: tl.constexpr, K: tl.constexpr, DV: t
 
 
 @triton.jit
-def _coords(SYNC, H, NS: tl.constexpr, NV: tl.constexpr, PHASE: tl.constexpr):
-    """This program's batch, head, batch*head, segment and value block, its group (the programs of one
-    sequence and value block) and its workspace slot. Split sequences take them from a ticket."""
+def _coords(SYNC, H, NS: tl.constexpr, NV: tl.constexpr, SUB: tl.constexpr, PHASE: tl.constexpr):
+    """This program's batch, head, batch*head, its index among the NS // SUB programs of its group (the
+    programs of one sequence and value block, each owning SUB consecutive segments), value block, group and
+    workspace slot. Split sequences take them from a ticket."""
     if NS > 1 and PHASE == 0:
         t = tl.atomic_add(SYNC, 1)
     else:
         t = tl.program_id(0)
-    group = t // NS
+    group = t // (NS // SUB)
     i_bh = group // NV
-    i_s = t % NS
+    i_p = t % (NS // SUB)
     i_v = group % NV
-    slot = (i_s * (tl.num_programs(0) // (NS * NV)) + i_bh) * NV + i_v
-    return i_bh // H, i_bh % H, i_bh, i_s, i_v, group, slot
+    slot = (i_p * (tl.num_programs(0) // ((NS // SUB) * NV)) + i_bh) * NV + i_v
+    return i_bh // H, i_bh % H, i_bh, i_p, i_v, group, slot
 
 
 @triton.jit
@@ -217,17 +220,19 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
                 sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, so_b, so_t, so_h,
                 T, H, qscale,
                 K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-                NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+                NS: tl.constexpr, CPS: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                 PHASE: tl.constexpr):
-    i_b, i_h, i_bh, i_s, i_v, group, slot = _coords(SYNC, H, NS, DV // BV, PHASE)
+    # A program owns SUB consecutive segments (the forward fits twice the backward's programs per SM, so it
+    # may want fewer, longer programs); it publishes the summaries of each, so the backward sees NS segments.
+    i_b, i_h, i_bh, i_p, i_v, group, slot = _coords(SYNC, H, NS, DV // BV, SUB, PHASE)
     q_base = _seq_base(Q, i_b, i_h, sq_b, sq_h)
     k_base = _seq_base(Kp, i_b, i_h, sk_b, sk_h)
     v_base = _seq_base(V, i_b, i_h, sv_b, sv_h) + i_v * BV
     gf_base = _seq_base(GF, i_b, i_h, sf_b, sf_h)
     gb_base = _seq_base(GB, i_b, i_h, sg_b, sg_h)
     o_base = _seq_base(O, i_b, i_h, so_b, so_h) + i_v * BV
-    st_base = STASH + (slot * CPS).to(tl.int64) * (K * BV)
-    suf_base = SUF + (slot * CPS).to(tl.int64) * K
+    st_base = STASH + (slot * SUB * CPS).to(tl.int64) * (K * BV)
+    suf_base = SUF + (slot * SUB * CPS).to(tl.int64) * K
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
     rk = tl.arange(0, K)
 
@@ -235,59 +240,69 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
         # pass 1, right to left: stash the segment-local backward state entering each chunk from its right.
         # A split sequence also needs chunk 0, for the segment's summaries: its local key states h^f, h^b
         # and gate totals, and the gate total right of each chunk (to fold in the state from the right).
-        s_b = tl.zeros([K, BV], dtype=tl.float32)
-        tl.store(st_base + (CPS - 1) * (K * BV) + st_off, s_b.to(DOT))
-        if NS > 1:
-            h_f = tl.zeros([K, BV], dtype=tl.float32)
-            suf_f = tl.zeros([K // 8, 8], dtype=tl.float32)
-            suf_b = tl.zeros([K // 8, 8], dtype=tl.float32)
-            tl.store(suf_base + (CPS - 1) * K + rk, _channels(suf_b, K))
-        for jj in range(0, CPS if NS > 1 else CPS - 1):
-            cc = CPS - 1 - jj
-            rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
-            rmask = rows < T
-            k = _load_keys(k_base, rows, rmask, sk_t, K)
-            v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
-            gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
-            R = tl.cumsum(gb2, axis=0, reverse=True)
-            Gb = tl.sum(gb2, axis=0)
-            kd = _flat(k * tl.exp2(Gb[None] - R), K).to(DOT)
-            s_b = s_b * tl.exp2(_channels(Gb, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+        for u in tl.static_range(SUB):
+            i_s = i_p * SUB + SUB - 1 - u
+            seg_st = st_base + ((SUB - 1 - u) * CPS) * (K * BV)
+            seg_suf = suf_base + ((SUB - 1 - u) * CPS) * K
+            s_b = tl.zeros([K, BV], dtype=tl.float32)
+            tl.store(seg_st + (CPS - 1) * (K * BV) + st_off, s_b.to(DOT))
             if NS > 1:
-                gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
-                Gf = tl.sum(gf2, axis=0)
-                kf = _flat(k * tl.exp2(suf_f[None] + Gf[None] - tl.cumsum(gf2, axis=0)), K).to(DOT)
-                h_f += tl.dot(tl.trans(kf), v, input_precision=PREC)
-                suf_f += Gf
-                suf_b += Gb
-                tl.store(suf_base + (cc - 1) * K + rk, _channels(suf_b, K), mask=(rk < K) & (cc > 0))
-                tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT), mask=(st_off >= 0) & (cc > 0))
-            else:  # unsplit, chunk 0 never comes: no mask on the hot path
-                tl.store(st_base + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
+                h_f = tl.zeros([K, BV], dtype=tl.float32)
+                suf_f = tl.zeros([K // 8, 8], dtype=tl.float32)
+                suf_b = tl.zeros([K // 8, 8], dtype=tl.float32)
+                tl.store(seg_suf + (CPS - 1) * K + rk, _channels(suf_b, K))
+            for jj in range(0, CPS if NS > 1 else CPS - 1):
+                cc = CPS - 1 - jj
+                rows = (i_s * CPS + cc) * BT + tl.arange(0, BT)
+                rmask = rows < T
+                k = _load_keys(k_base, rows, rmask, sk_t, K)
+                v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
+                gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
+                R = tl.cumsum(gb2, axis=0, reverse=True)
+                Gb = tl.sum(gb2, axis=0)
+                kd = _flat(k * tl.exp2(Gb[None] - R), K).to(DOT)
+                s_b = s_b * tl.exp2(_channels(Gb, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
+                if NS > 1:
+                    gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
+                    Gf = tl.sum(gf2, axis=0)
+                    kf = _flat(k * tl.exp2(suf_f[None] + Gf[None] - tl.cumsum(gf2, axis=0)), K).to(DOT)
+                    h_f += tl.dot(tl.trans(kf), v, input_precision=PREC)
+                    suf_f += Gf
+                    suf_b += Gb
+                    tl.store(seg_suf + (cc - 1) * K + rk, _channels(suf_b, K), mask=(rk < K) & (cc > 0))
+                    tl.store(seg_st + (cc - 1) * (K * BV) + st_off, s_b.to(DOT), mask=(st_off >= 0) & (cc > 0))
+                else:  # unsplit, chunk 0 never comes: no mask on the hot path
+                    tl.store(seg_st + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
+            if NS > 1:
+                _store_summary(HF, GTF, i_bh, i_s, i_v, h_f, suf_f, NS, K, DV, BV, True)
+                _store_summary(HB, GTB, i_bh, i_s, i_v, s_b, suf_b, NS, K, DV, BV, True)
         if NS > 1:
-            _store_summary(HF, GTF, i_bh, i_s, i_v, h_f, suf_f, NS, K, DV, BV, True)
-            _store_summary(HB, GTB, i_bh, i_s, i_v, s_b, suf_b, NS, K, DV, BV, True)
-            _publish(SYNC, group, i_s, NS)
+            _publish(SYNC, group, i_p, NS // SUB)
     tl.debug_barrier()
 
     if PHASE != 1:
-        # states entering the segment: forward prefix from the left, backward suffix from the right
+        # states entering the program's segments: forward prefix from the left, backward suffix from the right
         s_f = tl.zeros([K, BV], dtype=tl.float32)
         if NS > 1:
-            _wait_for_group(SYNC, group, NS)
+            _wait_for_group(SYNC, group, NS // SUB)
+            first = i_p * SUB
             s_b = tl.zeros([K, BV], dtype=tl.float32)
             for j in range(0, NS):
-                s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+                s_f = _scan_in(s_f, HF, GTF, i_bh, j, NS, K, DV, BV, i_v, j < first)
                 jr = NS - 1 - j
-                s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
-            _fold_in(st_base, suf_base, s_b, CPS, K * BV, K, BV)
+                s_b = _scan_in(s_b, HB, GTB, i_bh, jr, NS, K, DV, BV, i_v, jr >= first + SUB)
+            for u in tl.static_range(SUB):
+                if u > 0:  # the state entering this segment from the right passes through the one before
+                    s_b = _scan_in(s_b, HB, GTB, i_bh, first + SUB - u, NS, K, DV, BV, i_v, True)
+                _fold_in(st_base + ((SUB - 1 - u) * CPS) * (K * BV), suf_base + ((SUB - 1 - u) * CPS) * K, s_b,
+                         CPS, K * BV, K, BV)
 
-        # pass 2, left to right: everything else
+        # pass 2, left to right over all the program's chunks: everything else
         r_loc = tl.arange(0, BT)
         lower = r_loc[None, :] <= r_loc[:, None]
         upper = r_loc[None, :] >= r_loc[:, None]
-        for cc in range(0, CPS):
-            rows = (i_s * CPS + cc) * BT + r_loc
+        for cc in range(0, SUB * CPS):
+            rows = (i_p * SUB * CPS + cc) * BT + r_loc
             rmask = rows < T
             q = _load_keys(q_base, rows, rmask, sq_t, K) * qscale
             k = _load_keys(k_base, rows, rmask, sk_t, K)
@@ -335,7 +350,7 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
                 K: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
                 NS: tl.constexpr, CPS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
                 PHASE: tl.constexpr):
-    i_b, i_h, i_bh, i_s, i_v, group, slot = _coords(SYNC, H, NS, DV // BV, PHASE)
+    i_b, i_h, i_bh, i_s, i_v, group, slot = _coords(SYNC, H, NS, DV // BV, 1, PHASE)
     q_base = _seq_base(Q, i_b, i_h, sq_b, sq_h)
     k_base = _seq_base(Kp, i_b, i_h, sk_b, sk_h)
     v_base = _seq_base(V, i_b, i_h, sv_b, sv_h) + i_v * BV
@@ -363,7 +378,7 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
         if NS > 1:
             for j in range(0, NS):
                 jr = NS - 1 - j
-                s_b = _scan_in(s_b, HB, GTB, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+                s_b = _scan_in(s_b, HB, GTB, i_bh, jr, NS, K, DV, BV, i_v, jr > i_s)
             ds_b = tl.zeros([K, BV], dtype=tl.float32)
             suf_f = tl.zeros([K], dtype=tl.float32)
             suf_b = tl.zeros([K], dtype=tl.float32)
@@ -415,10 +430,10 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
             _wait_for_group(SYNC, group, NS)
             ds_f = tl.zeros([K, BV], dtype=tl.float32)
             for j in range(0, NS):
-                s_f = _scan_in(s_f, HF, GTF, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
-                ds_b = _scan_in(ds_b, DSB, GTB, i_bh, i_s, j, NS, K, DV, BV, i_v, j < i_s)
+                s_f = _scan_in(s_f, HF, GTF, i_bh, j, NS, K, DV, BV, i_v, j < i_s)
+                ds_b = _scan_in(ds_b, DSB, GTB, i_bh, j, NS, K, DV, BV, i_v, j < i_s)
                 jr = NS - 1 - j
-                ds_f = _scan_in(ds_f, DSF, GTF, i_bh, i_s, jr, NS, K, DV, BV, i_v, jr > i_s)
+                ds_f = _scan_in(ds_f, DSF, GTF, i_bh, jr, NS, K, DV, BV, i_v, jr > i_s)
             _fold_in(st_base + K * BV, suf_base, ds_f, CPS, 2 * K * BV, K, BV)
 
         r_loc = tl.arange(0, BT)
@@ -556,13 +571,15 @@ def _sm_count(device: torch.device) -> int:
 
 def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: torch.device,
           segments: int | None = None):
-    """Chunk size, value-block width and the split of each sequence into segments.
+    """Chunk size, value-block width, the split of each sequence into segments, chunks per segment and how
+    many consecutive segments one forward program owns.
 
     The split minimises ``backward waves x (chunks per segment + SEGMENT_COST x segments)``: each program's
     chain of chunk steps is the time of one wave of the backward (the larger kernel), and a program also
     folds in the states of every other segment of its sequence. Fitted to a sweep of 1 to 32 segments at
     nine ViG shapes on an H200 (docs/kernels.md), where it picks the fastest split at eight and, at the
-    ninth, one 0.7% slower (0.5% on a re-run)."""
+    ninth, one 0.7% slower (0.5% on a re-run). The forward fits twice the programs per SM; it then runs
+    fewer, longer programs where that saves a wave (``_forward_group``)."""
     bt = CHUNK
     bv = min(value_dim, VALUE_BLOCK or max(16, 4096 // key_dim))
     nv = value_dim // bv
@@ -576,7 +593,25 @@ def _plan(batch_heads: int, length: int, key_dim: int, value_dim: int, device: t
         segments = min(range(1, max(1, min(MAX_SEGMENTS, n_chunks // 2)) + 1), key=cost)
     cps = triton.cdiv(n_chunks, max(1, min(segments, n_chunks)))
     ns = triton.cdiv(n_chunks, cps)
-    return bt, bv, nv, ns, cps
+    return bt, bv, nv, ns, cps, _forward_group(batch_heads * nv * ns, ns, cps, device)
+
+
+def _forward_group(programs: int, ns: int, cps: int, device: torch.device) -> int:
+    """Segments per forward program, a divisor of ns: the one that minimises ``forward waves x (chunks per
+    program + SEGMENT_COST x segments)``, the fewest on ties. The backward's split leaves the forward, at 4
+    programs per SM, a second, partly filled wave at some shapes (ViG-B at 4096 tokens: 768 programs for 528
+    places); programs of two segments each then run in one."""
+    if FWD_SEGMENTS_PER_PROGRAM is not None:
+        if ns % FWD_SEGMENTS_PER_PROGRAM:
+            raise ValueError(f"FWD_SEGMENTS_PER_PROGRAM={FWD_SEGMENTS_PER_PROGRAM} does not divide the plan's {ns} "
+                             "segments")
+        return FWD_SEGMENTS_PER_PROGRAM
+    places = FWD_PROGRAMS_PER_SM * _sm_count(device)
+
+    def cost(group):
+        return triton.cdiv(programs // group, places) * (group * cps + SEGMENT_COST * ns)
+
+    return min((group for group in range(1, ns + 1) if ns % group == 0), key=cost)
 
 
 def _backward_waves(programs: int, segments: int, device: torch.device) -> int:
@@ -609,8 +644,9 @@ def _strides(x: torch.Tensor):
 
 def _segment_buffers(q, v, plan, n_states):
     """Per-launch workspace: the stash (n_states tiles per chunk), the gate totals right of each chunk and the
-    ticket counter and publish flags of split sequences (zeroed: one word each)."""
-    bt, bv, nv, ns, cps = plan
+    ticket counter and publish flags of split sequences (zeroed: one word each). Returns the number of segments
+    of all sequences first: the backward's programs, one per segment (a forward program may own several)."""
+    bt, bv, nv, ns, cps, _ = plan
     batch, _, heads, key_dim = q.shape
     programs = batch * heads * nv * ns
     _, _, stash_dtype = _dot_types(q.dtype)
@@ -636,25 +672,25 @@ def _phases(ns: int):
 
 
 def _forward(q, k, v, g_fwd, g_bwd, scale, plan):
-    bt, bv, nv, ns, cps = plan
+    bt, bv, nv, ns, cps, group = plan
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     dot, prec, _ = _dot_types(q.dtype)
     o = torch.empty(batch, length, heads, value_dim, device=q.device, dtype=v.dtype)
-    programs, stash, suffix, sync = _segment_buffers(q, v, plan, 1)
+    segments, stash, suffix, sync = _segment_buffers(q, v, plan, 1)
     hf, hb, gtf, gtb = _summary_buffers(q, v, plan, True) if ns > 1 else (o,) * 4
     for phase in _phases(ns):
-        _launch("fwd", _fwd_kernel, (programs,),
+        _launch("fwd", _fwd_kernel, (segments // group,),
             q, k, v, g_fwd, g_bwd, o, stash, suffix, hf, hb, gtf, gtb, sync,
             *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(o),
             length, heads, 0.5 * scale,
-            K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, PHASE=phase,
+            K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, SUB=group, DOT=dot, PREC=prec, PHASE=phase,
             num_warps=FWD_WARPS, max_registers=FWD_MAX_REGISTERS)
     return o, ((hf, hb, gtf, gtb) if ns > 1 else ())
 
 
 def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
-    bt, bv, nv, ns, cps = plan
+    bt, bv, nv, ns, cps, _ = plan
     batch, length, heads, key_dim = q.shape
     value_dim = v.shape[-1]
     dot, prec, _ = _dot_types(q.dtype)
