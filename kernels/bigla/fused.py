@@ -20,7 +20,8 @@ Algorithm (per batch element, head and block of value channels):
   (batch, head) pairs split into segments whose programs exchange their local states inside the same launch:
   each publishes its summaries after pass 1, waits for the rest of its sequence, folds their states in and
   runs pass 2. One launch forward, one backward, at every length (split sequences also zero-fill one ticket
-  and one flag word per program beforehand).
+  and one flag word per program beforehand). The forward fits twice the backward's programs per SM, so a
+  forward program may own several consecutive segments of the backward's split where that saves a wave.
 * Backward recomputes everything from q, k, v and the gates (plus the tiny segment summaries); the gate
   gradients come from ``q*dq - k*dk`` per direction with one within-chunk cumulative sum and a boundary term
   ``rowsum(S * dS)`` per chunk, so no sequence-long cumulative sum runs across programs.
