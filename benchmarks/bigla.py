@@ -5,7 +5,7 @@
     python benchmarks/bigla.py --configs 4:4,4:8 --shapes quick --no-baselines   # tuning sweep
 
 Per shape (ViG-T/S/B heads, d_k = 32, d_v = 64; bf16 q, k, v, o; fp32 log-gates ``logsigmoid(z)/16``):
-(a) this kernel, ``kernels.bigla.fused.bigla_triton``;
+(a) this kernel, ``vig_kernels.bigla.fused.bigla_triton``;
 (b) the official ViG training path on fla (``chunk_gla`` on ``[x; flip(x)]`` along the batch, gates
     ``[g_f; flip(g_b)]``, output ``(o_f + flip(o_b)) / 2``), when ``fla`` is importable;
 (c) ``scaled_dot_product_attention`` (non-causal, default backend) on ``[B, H, T, 64]`` bf16;
@@ -33,8 +33,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels.bigla import fused  # noqa: E402
-from kernels.bigla.reference import bigla_reference  # noqa: E402
+from vig_kernels.bigla import fused  # noqa: E402
+from vig_kernels.bigla.reference import bigla_reference  # noqa: E402
 
 try:
     from fla.ops.gla import chunk_gla  # noqa: E402

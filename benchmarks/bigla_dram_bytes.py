@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels.bigla.fused import bigla_triton  # noqa: E402
+from vig_kernels.bigla.fused import bigla_triton  # noqa: E402
 
 
 def main():

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels.bigla import fused  # noqa: E402
+from vig_kernels.bigla import fused  # noqa: E402
 
 
 def microseconds_per_call(fn, calls=2000):

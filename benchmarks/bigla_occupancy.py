@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bigla import bench_graph, make_gla_inputs  # noqa: E402
 
-from kernels.bigla import fused  # noqa: E402
+from vig_kernels.bigla import fused  # noqa: E402
 
 HEADS, TOKENS = 3, 196
 

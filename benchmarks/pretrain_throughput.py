@@ -24,7 +24,7 @@ clip: ``open_clip.CLIP`` with ViT-B-16's text tower (width 512, 12 layers, 8 hea
     and either ``open_clip.create_model("ViT-B-16", force_image_size=S)`` (baseline) or the timm ViG tower
     (``timm_model_name=<vig>``, avg pool, linear projection), ``open_clip.ClipLoss``, random token ids.
 With ``--backend reference`` the ViG token mixer runs the plain-PyTorch reference instead of the Triton
-kernel (``kernels.set_backend``); the baselines are unaffected.
+kernel (``vig_kernels.set_backend``); the baselines are unaffected.
 With ``--profile``, every case also records its top CUDA kernels over a few profiled steps (torch.profiler),
 and a breakdown (encoder/tower alone) where the case has one.
 """
@@ -51,8 +51,8 @@ from timm.layers import build_sincos2d_pos_embed  # noqa: E402
 from timm.models import register_model  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-import kernels  # noqa: E402
 import vig  # noqa: E402,F401  (registers the ViG models with timm)
+import vig_kernels  # noqa: E402
 from pretrain.masked_autoencoder import MaskedAutoencoder  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 
@@ -313,7 +313,7 @@ def run_case(name: str, build, args, device) -> dict:
 def environment(device) -> dict:
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "timm": timm.__version__, "open_clip": OPEN_CLIP_VERSION,
-           "kernels_backend": kernels.get_backend(), "device": str(device)}
+           "kernels_backend": vig_kernels.get_backend(), "device": str(device)}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -364,7 +364,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--vig", default="vig_base")
     parser.add_argument("--vit", default="vit_base_patch16_224", help="timm ViT of the MAE baseline")
-    parser.add_argument("--backend", default="auto", choices=list(kernels.BACKENDS))
+    parser.add_argument("--backend", default="auto", choices=list(vig_kernels.BACKENDS))
     parser.add_argument("--mae-cases", nargs="+", default=["visible", "mask_token", "vit"],
                         choices=["visible", "mask_token", "vit"])
     parser.add_argument("--clip-cases", nargs="+", default=["vig", "vit"], choices=["vig", "vit"])
@@ -378,7 +378,7 @@ def main(argv=None) -> None:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    kernels.set_backend(args.backend)
+    vig_kernels.set_backend(args.backend)
     report = {"environment": environment(device), "argv": sys.argv, "args": vars(args), "results": []}
     vig_label = args.vig.replace("vig_", "ViG-").replace("base", "B").replace("small", "S").replace("tiny", "T")
     vit_label = args.vit

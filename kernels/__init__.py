@@ -1,7 +1,7 @@
 """Token-mixer ops: ViG's bidirectional gated linear attention and Vim's bidirectional selective scan.
 
 Each op has one dispatch point (``bigla``, ``bi_selective_scan``) that picks the fused Triton kernel or
-the plain-PyTorch reference according to :mod:`kernels.backend`; model code only calls the dispatch point.
+the plain-PyTorch reference according to :mod:`vig_kernels.backend`; model code only calls the dispatch point.
 """
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .bigla import bigla, bigla_reference

@@ -35,7 +35,7 @@ def set_backend(name: str) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Temporarily select a backend: ``with kernels.use_backend("reference"): ...``."""
+    """Temporarily select a backend: ``with vig_kernels.use_backend("reference"): ...``."""
     previous = get_backend()
     set_backend(name)
     try:

@@ -1,7 +1,7 @@
 """Interpreter checks of the fused BiGLA kernels, run by tests/test_bigla_triton.py in a subprocess.
 
 Triton decides between compiling and interpreting when a kernel is defined (module import), so these cases
-run in a fresh process with ``TRITON_INTERPRET=1`` set before anything imports ``kernels.bigla.fused``.
+run in a fresh process with ``TRITON_INTERPRET=1`` set before anything imports ``vig_kernels.bigla.fused``.
 Usage: ``python tests/bigla_interp_cases.py GROUP`` with GROUP one of ``GROUPS`` (the ``CASES`` and
 ``compile``); exits non-zero on failure.
 Every case compares output and all five gradients (fp32 kernel in the interpreter) against the float64
@@ -20,9 +20,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels.bigla import fused  # noqa: E402
-from kernels.bigla.fused import GATE_MIN, bigla_triton  # noqa: E402
-from kernels.bigla.reference import bigla_reference  # noqa: E402
+from vig_kernels.bigla import fused  # noqa: E402
+from vig_kernels.bigla.fused import GATE_MIN, bigla_triton  # noqa: E402
+from vig_kernels.bigla.reference import bigla_reference  # noqa: E402
 
 TOL = 1e-5
 LENGTHS = (1, 7, 63, 64, 65, 196, 300)

@@ -1,4 +1,4 @@
-"""Tests of the fused BiGLA Triton kernels (kernels/bigla/fused.py) and of the dispatch in kernels.bigla.
+"""Tests of the fused BiGLA Triton kernels (kernels/bigla/fused.py) and of the dispatch in vig_kernels.bigla.
 
 * CPU (CI): the kernels under the Triton interpreter in fp32 against the float64 reference, output and all
   five gradients. Triton picks interpret-or-compile when the kernels are defined, so the interpreter cases
@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.bigla import bigla, bigla_reference
+import vig_kernels
+from vig_kernels.bigla import bigla, bigla_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES_SCRIPT = os.path.join(ROOT, "tests", "bigla_interp_cases.py")
@@ -57,7 +57,7 @@ def _inputs(batch=1, length=9, heads=2, key_dim=32, value_dim=64, device="cpu", 
 
 def test_auto_on_cpu_runs_the_reference():
     xs = _inputs()
-    with kernels.use_backend("auto"):
+    with vig_kernels.use_backend("auto"):
         out = bigla(*xs)
     torch.testing.assert_close(out, bigla_reference(*xs))
 
@@ -66,15 +66,15 @@ def test_auto_on_cpu_runs_the_reference():
 def test_triton_backend_on_cpu_names_the_problem():
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("the interpreter accepts CPU tensors")
-    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="CUDA"):
+    with vig_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="CUDA"):
         bigla(*_inputs())
 
 
 def test_unsupported_reasons():
-    from kernels.bigla import triton_unsupported_reason
+    from vig_kernels.bigla import triton_unsupported_reason
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    from kernels.bigla import fused
+    from vig_kernels.bigla import fused
     q, k, v, g_f, g_b = _inputs(key_dim=24)
     assert "head dim 24" in fused.unsupported_reason(q, k, v, g_f, g_b)
     q, k, v, g_f, g_b = _inputs(value_dim=48)
@@ -108,7 +108,7 @@ def test_shape_errors_are_clear():
     (5, 4096, 8, 32, 1),   # 40 programs take three forward waves, 20 take two: no gain for twice the chain
 ])
 def test_segment_plan(programs, tokens, segments, chunks_per_segment, forward_group):
-    from kernels.bigla import fused
+    from vig_kernels.bigla import fused
     # a CPU device stands for 4 SMs: a backward wave is 8 programs (12 under the register cap), a forward one 16
     plan = fused._plan(programs, tokens, 32, 64, torch.device("cpu"))
     assert plan[3:] == (segments, chunks_per_segment, forward_group)
@@ -117,7 +117,7 @@ def test_segment_plan(programs, tokens, segments, chunks_per_segment, forward_gr
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_forward_group_override_must_divide_the_split():
-    from kernels.bigla import fused
+    from vig_kernels.bigla import fused
     fused.FWD_SEGMENTS_PER_PROGRAM = 3
     try:
         assert fused._plan(3, 4096, 32, 64, torch.device("cpu"), segments=6)[5] == 3
@@ -145,7 +145,7 @@ def _rms_ratio(out, ref):
 
 def _compare_with_float64(batch, length, heads, key_dim, value_dim, dtype, gate=lambda z: F.logsigmoid(z) / 16,
                           seed=0, **kw):
-    from kernels.bigla.fused import GATE_MIN, bigla_triton
+    from vig_kernels.bigla.fused import GATE_MIN, bigla_triton
     torch.manual_seed(seed)
     q, k = (torch.randn(batch, length, heads, key_dim, device="cuda", dtype=dtype) for _ in range(2))
     v = torch.randn(batch, length, heads, value_dim, device="cuda", dtype=dtype)
@@ -214,7 +214,7 @@ def test_gpu_lengths_bf16(length):
 @pytest.mark.gpu
 @pytest.mark.parametrize("segments, forward_group", [(1, None), (3, None), (8, None), (8, 2), (8, 4)])
 def test_gpu_segment_paths_agree(segments, forward_group):
-    from kernels.bigla import fused
+    from vig_kernels.bigla import fused
     fused.FWD_SEGMENTS_PER_PROGRAM = forward_group
     try:
         _compare_with_float64(2, 1000, 2, 32, 64, torch.float32, segments=segments)
@@ -229,7 +229,7 @@ def test_gpu_split_sequences_beyond_one_wave():
     the GPU at once, so groups wait on programs that start later (a scheduling bug hangs or gives wrong
     states here); on a 132-SM GPU the plan gives each forward program two of them. Run twice to catch flags
     or tickets left over from a previous launch."""
-    from kernels.bigla import fused
+    from vig_kernels.bigla import fused
     xs = [x.requires_grad_() for x in _inputs(64, 1024, 12, 32, 64, device="cuda", dtype=torch.bfloat16)]
     do = torch.randn_like(xs[2])
 
@@ -248,15 +248,15 @@ def test_gpu_split_sequences_beyond_one_wave():
 @cuda
 @pytest.mark.gpu
 def test_gpu_dispatch_auto_uses_kernel_and_falls_back():
-    from kernels.bigla import fused
+    from vig_kernels.bigla import fused
     xs = _inputs(2, 50, 2, 32, 64, device="cuda", dtype=torch.bfloat16)
-    with kernels.use_backend("auto"):
+    with vig_kernels.use_backend("auto"):
         out = bigla(*xs)
     torch.testing.assert_close(out, fused.bigla_triton(*xs), rtol=0, atol=0)
     odd = _inputs(2, 50, 2, 24, 40, device="cuda")
-    with kernels.use_backend("auto"):
+    with vig_kernels.use_backend("auto"):
         torch.testing.assert_close(bigla(*odd), bigla_reference(*odd))
-    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="head dim 24"):
+    with vig_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="head dim 24"):
         bigla(*odd)
 
 
@@ -294,7 +294,7 @@ def test_gpu_mixer_training_step_matches_reference_path():
         torch.manual_seed(1)
         model = Mixer().cuda()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with kernels.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+        with vig_kernels.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = F.mse_loss(model(x).float(), target)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
@@ -315,7 +315,7 @@ def test_gpu_compiled_mixer_matches_eager():
     x = torch.randn(8, 196, 192, device="cuda")
 
     def step(module):
-        with kernels.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+        with vig_kernels.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = module(x).float().pow(2).mean()
         grads = torch.autograd.grad(loss, list(model.parameters()))
         return loss, grads
@@ -343,7 +343,7 @@ def test_gpu_vig_tiny_training_step_matches_reference_path():
     for backend in ("triton", "reference"):
         torch.manual_seed(0)
         model = timm.create_model("vig_tiny").cuda().train()
-        with kernels.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
+        with vig_kernels.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
             loss = F.cross_entropy(model(x).float(), labels)
         loss.backward()
         results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None])

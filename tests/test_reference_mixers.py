@@ -1,13 +1,34 @@
 """The plain-PyTorch token mixers against token-by-token float64 recurrences, outputs and gradients."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-import kernels
 import vig
+import vig_kernels
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_models_find_this_projects_kernels_from_any_directory(tmp_path):
+    """A script outside the checkout (as pretrain/mae.py is, under accelerate launch) imports the model and
+    its token mixers from the installed package, even where Hugging Face's unrelated ``kernels`` package,
+    a dependency of transformers 5, is installed too."""
+    code = ("import timm, torch, vig, vig_kernels; print(vig_kernels.__file__); "
+            "model = timm.create_model('vig_tiny', num_classes=3, img_size=32); "
+            "print(tuple(model(torch.randn(1, 3, 32, 32)).shape))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module_file, shape = proc.stdout.split("\n")[:2]
+    assert os.path.dirname(os.path.dirname(module_file)) == ROOT, module_file
+    assert shape == "(1, 3)"
 
 
 def gla_token_loop(q, k, v, g, scale):
@@ -44,7 +65,7 @@ def test_bigla_reference_matches_the_recurrence(length, gate_scale):
     out_grad = torch.randn(2, length, 3, 8, dtype=torch.float64)
     expected = bigla_token_loop(*inputs)
     expected_grads = torch.autograd.grad(expected, inputs, out_grad)
-    out = kernels.bigla_reference(*inputs)
+    out = vig_kernels.bigla_reference(*inputs)
     grads = torch.autograd.grad(out, inputs, out_grad)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for name, grad, expected_grad in zip(("q", "k", "v", "g_fwd", "g_bwd"), grads, expected_grads):
@@ -56,7 +77,7 @@ def test_bigla_reference_in_low_precision_stays_close():
     inputs = [t.detach() for t in random_gla_inputs(100, 1.0, key_dim=32, value_dim=64)]
     expected = bigla_token_loop(*inputs)
     for dtype in (torch.float32, torch.bfloat16):
-        out = kernels.bigla_reference(*(t.to(dtype) for t in inputs))
+        out = vig_kernels.bigla_reference(*(t.to(dtype) for t in inputs))
         assert out.dtype == dtype
         ratio = (out.double() - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()
         assert ratio < (1e-6 if dtype == torch.float32 else 5e-3)
@@ -65,16 +86,16 @@ def test_bigla_reference_in_low_precision_stays_close():
 def test_bigla_dispatch_validates_inputs():
     q, k, v, g_fwd, g_bwd = (t.detach() for t in random_gla_inputs(5, 1.0))
     with pytest.raises(ValueError, match=r"k has shape \(2, 4, 3, 16\)"):
-        kernels.bigla(q, k[:, :4], v, g_fwd, g_bwd)
+        vig_kernels.bigla(q, k[:, :4], v, g_fwd, g_bwd)
     with pytest.raises(ValueError, match=r"v has shape .*\[B, T, H\]"):
-        kernels.bigla(q, k, v[:, :, :2], g_fwd, g_bwd)
+        vig_kernels.bigla(q, k, v[:, :, :2], g_fwd, g_bwd)
     with pytest.raises(ValueError, match="q must have 4 dims"):
-        kernels.bigla(q[0], k, v, g_fwd, g_bwd)
+        vig_kernels.bigla(q[0], k, v, g_fwd, g_bwd)
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        kernels.set_backend("cuda")
-    with kernels.use_backend("reference"):
-        torch.testing.assert_close(kernels.bigla(q, k, v, g_fwd, g_bwd), bigla_token_loop(q, k, v, g_fwd, g_bwd))
-    assert kernels.get_backend() == "auto"
+        vig_kernels.set_backend("cuda")
+    with vig_kernels.use_backend("reference"):
+        torch.testing.assert_close(vig_kernels.bigla(q, k, v, g_fwd, g_bwd), bigla_token_loop(q, k, v, g_fwd, g_bwd))
+    assert vig_kernels.get_backend() == "auto"
 
 
 def scan_token_loop(u, delta, A, B, C, D):
@@ -101,7 +122,7 @@ def test_bi_selective_scan_reference_matches_the_recurrence(length, step_scale):
     backward = scan_token_loop(u[1].flip(1), delta[1].flip(1), A[1], B[1].flip(1), C[1].flip(1), D[1]).flip(1)
     expected = (scan_token_loop(u[0], delta[0], A[0], B[0], C[0], D[0]) + backward) / 2
     expected_grads = torch.autograd.grad(expected, inputs, out_grad)
-    out = kernels.bi_selective_scan(*inputs)
+    out = vig_kernels.bi_selective_scan(*inputs)
     grads = torch.autograd.grad(out, inputs, out_grad)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     for name, grad, expected_grad in zip(("u", "delta", "A", "B", "C", "D"), grads, expected_grads):
@@ -111,7 +132,7 @@ def test_bi_selective_scan_reference_matches_the_recurrence(length, step_scale):
 def test_bi_selective_scan_validates_shapes():
     u = torch.zeros(2, 1, 5, 6)
     with pytest.raises(ValueError, match=r"A has shape \(2, 6\)"):
-        kernels.bi_selective_scan(u, u, torch.zeros(2, 6), torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4),
+        vig_kernels.bi_selective_scan(u, u, torch.zeros(2, 6), torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4),
                                   torch.zeros(2, 6))
 
 

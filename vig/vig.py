@@ -5,7 +5,7 @@ Official code: https://github.com/hustvl/ViG. Module and parameter names follow 
 so released checkpoints load with ``strict=True`` (ViG-H's legacy names go through ``checkpoint_filter_fn``).
 
 Two deliberate differences from the official code, both documented in ``docs/models.md``:
-* training and evaluation run the same token mixer (``kernels.bigla``), which has a backward pass; the
+* training and evaluation run the same token mixer (``vig_kernels.bigla``), which has a backward pass; the
   official eval kernel has none and divides the plain-ViG output by 2 twice (only visible through eps);
 * every input size divisible by the output stride works, and ``pos_embed`` is resized per call.
 """
@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import vig_kernels
 
 from ._common import Permute, check_input, fp32_or_wider
 
@@ -88,7 +88,7 @@ class BiGLAMixer(nn.Module):
         gates = F.logsigmoid(fp32_or_wider(self.gk_proj(u))) / self.gate_logit_normalizer
         g_fwd, g_bwd = gates.chunk(2, dim=-1)
         per_head = partial(torch.unflatten, dim=-1, sizes=(self.num_heads, -1))
-        o = kernels.bigla(per_head(q), per_head(k), per_head(v), per_head(g_fwd), per_head(g_bwd))
+        o = vig_kernels.bigla(per_head(q), per_head(k), per_head(v), per_head(g_fwd), per_head(g_bwd))
         mix = torch.sigmoid(self.g_proj(u)).unflatten(-1, (self.num_heads, -1))
         y = mix * self.g_norm(o) + (1 - mix) * self.l_norm(per_head(u))
         return self.o_proj(self.out_act(y.flatten(2)))

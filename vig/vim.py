@@ -5,7 +5,7 @@ Paper: "Vision Mamba: Efficient Visual Representation Learning with Bidirectiona
 state dicts of the ``*_midclstok_div2`` models, so released checkpoints load with ``strict=True``.
 
 Differences from the official code, documented in ``docs/models.md``: no CUDA extensions (the scan is
-``kernels.bi_selective_scan``; the backward direction's causal conv on the flipped sequence is computed as
+``vig_kernels.bi_selective_scan``; the backward direction's causal conv on the flipped sequence is computed as
 the equivalent anti-causal conv, so nothing is flipped), and any input size divisible by 16 works
 (``pos_embed`` is resized around the class-token entry; the official model asserts 224).
 """
@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import vig_kernels
 
 from ._common import check_input, fp32_or_wider
 
@@ -97,7 +97,7 @@ class BiMambaMixer(nn.Module):
         delta_fwd, B_fwd, C_fwd = self._direction(u_fwd, self.x_proj, self.dt_proj)
         delta_bwd, B_bwd, C_bwd = self._direction(u_bwd, self.x_proj_b, self.dt_proj_b)
         A = -fp32_or_wider(torch.stack([self.A_log, self.A_b_log])).exp()
-        y = kernels.bi_selective_scan(torch.stack([u_fwd, u_bwd]), torch.stack([delta_fwd, delta_bwd]), A,
+        y = vig_kernels.bi_selective_scan(torch.stack([u_fwd, u_bwd]), torch.stack([delta_fwd, delta_bwd]), A,
                                       torch.stack([B_fwd, B_bwd]), torch.stack([C_fwd, C_bwd]),
                                       fp32_or_wider(torch.stack([self.D, self.D_b])))
         return self.out_proj(y * F.silu(z))

@@ -1,6 +1,6 @@
 """Fused bidirectional GLA (ViG's token mixer) in Triton: forward and backward, both directions per launch.
 
-Semantics are those of :func:`kernels.bigla.reference.bigla_reference` (``o = (o_fwd + o_bwd) / 2``, the
+Semantics are those of :func:`vig_kernels.bigla.reference.bigla_reference` (``o = (o_fwd + o_bwd) / 2``, the
 diagonal in both directions), with one documented difference: the log-space gates are clamped to
 ``[GATE_MIN, 0]`` (``GATE_MIN = -8`` nats per token) inside the kernels, and their gradient is zero outside
 that range. See ``docs/kernels.md`` for the algorithm, the numerics and why the clamp is needed.
