@@ -242,9 +242,10 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
         # A split sequence also needs chunk 0, for the segment's summaries: its local key states h^f, h^b
         # and gate totals, and the gate total right of each chunk (to fold in the state from the right).
         for u in tl.static_range(SUB):
-            i_s = i_p * SUB + SUB - 1 - u
-            seg_st = st_base + ((SUB - 1 - u) * CPS) * (K * BV)
-            seg_suf = suf_base + ((SUB - 1 - u) * CPS) * K
+            seg = SUB - 1 - u  # the program's segments, right to left
+            i_s = i_p * SUB + seg
+            seg_st = st_base + (seg * CPS) * (K * BV)
+            seg_suf = suf_base + (seg * CPS) * K
             s_b = tl.zeros([K, BV], dtype=tl.float32)
             tl.store(seg_st + (CPS - 1) * (K * BV) + st_off, s_b.to(DOT))
             if NS > 1:
@@ -293,10 +294,10 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
                 jr = NS - 1 - j
                 s_b = _scan_in(s_b, HB, GTB, i_bh, jr, NS, K, DV, BV, i_v, jr >= first + SUB)
             for u in tl.static_range(SUB):
-                if u > 0:  # the state entering this segment from the right passes through the one before
-                    s_b = _scan_in(s_b, HB, GTB, i_bh, first + SUB - u, NS, K, DV, BV, i_v, True)
-                _fold_in(st_base + ((SUB - 1 - u) * CPS) * (K * BV), suf_base + ((SUB - 1 - u) * CPS) * K, s_b,
-                         CPS, K * BV, K, BV)
+                seg = SUB - 1 - u
+                if u > 0:  # the state entering this segment from the right crosses the segment right of it
+                    s_b = _scan_in(s_b, HB, GTB, i_bh, first + seg + 1, NS, K, DV, BV, i_v, True)
+                _fold_in(st_base + (seg * CPS) * (K * BV), suf_base + (seg * CPS) * K, s_b, CPS, K * BV, K, BV)
 
         # pass 2, left to right over all the program's chunks: everything else
         r_loc = tl.arange(0, BT)
