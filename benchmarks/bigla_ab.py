@@ -1,0 +1,91 @@
+"""A/B timing of the fused BiGLA op: the working tree's kernels against another version of
+``kernels/bigla/fused.py`` in the same process, on the same GPU, in alternating runs.
+
+    python benchmarks/bigla_ab.py --base HEAD~1                        # a git revision of fused.py
+    python benchmarks/bigla_ab.py --patch benchmarks/results/x.patch   # the working tree with a patch applied
+
+The other version is loaded as a separate module (its torch.library namespace renamed), so both sets of
+kernels compile side by side and every row compares like with like: graph replay as in the main table
+(``bigla.bench_graph``), L2 flushed, fwd+bwd and forward medians, ``--runs`` alternating runs each. With
+``--patch`` the patched version is B; with ``--base`` the working tree is B. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bigla import bench_graph, make_gla_inputs  # noqa: E402
+
+from vig_kernels.bigla import fused  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FUSED = os.path.join("kernels", "bigla", "fused.py")
+SHAPES = [(3, 196, 128), (12, 196, 128), (3, 1024, 32), (6, 1024, 32), (12, 1024, 32), (12, 4096, 8)]
+
+
+def other_version(base: str | None, patch: str | None) -> str:
+    """Source of fused.py at a git revision, or the working tree's with a patch applied."""
+    if base:
+        return subprocess.run(["git", "show", f"{base}:{FUSED}"], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "fused.py")
+        with open(os.path.join(ROOT, FUSED)) as src, open(target, "w") as dst:
+            dst.write(src.read())
+        subprocess.run(["patch", "--quiet", target, os.path.abspath(patch)], check=True)
+        with open(target) as fh:
+            return fh.read()
+
+
+def load_as_module(source: str, name: str):
+    """Import a copy of fused.py under another module name; its custom ops get their own namespace."""
+    source = source.replace("vig_kernels::", f"{name}::")
+    path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
+    with open(path, "w") as fh:
+        fh.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--base", help="git revision whose fused.py is A (the working tree is B)")
+    which.add_argument("--patch", help="patch to fused.py whose result is B (the working tree is A)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rep", type=float, default=40.0, help="do_bench repetition time per measurement (ms)")
+    args = ap.parse_args()
+
+    other = load_as_module(other_version(args.base, args.patch), "bigla_ab_other")
+    versions = {"A": other, "B": fused} if args.base else {"A": fused, "B": other}
+    label = f"A = {args.base}, B = working tree" if args.base else f"A = working tree, B = + {args.patch}"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {label}; graph replay, µs, "
+          f"{args.runs} alternating runs (median of each run's do_bench)")
+    print("| heads | tokens | batch | fwd A | fwd B | fwd+bwd A | fwd+bwd B | fwd+bwd B/A |")
+    print("|---|---|---|---|---|---|---|---|")
+    for heads, tokens, batch in SHAPES:
+        make = lambda grad, b=batch, t=tokens, h=heads: make_gla_inputs(b, t, h, "cuda", grad)  # noqa: E731
+        times = {name: {"fwd": [], "fb": []} for name in versions}
+        for _ in range(args.runs):
+            for name, module in versions.items():
+                op = lambda *xs, m=module: m.bigla_triton(*xs)  # noqa: E731
+                times[name]["fwd"].append(bench_graph(op, make, 4, args.rep, False) * 1e3)
+                times[name]["fb"].append(bench_graph(op, make, 4, args.rep, True) * 1e3)
+        mean = {name: {k: sum(v) / len(v) for k, v in t.items()} for name, t in times.items()}
+        print(f"| {heads} | {tokens} | {batch} | {mean['A']['fwd']:.1f} | {mean['B']['fwd']:.1f} | "
+              f"{mean['A']['fb']:.1f} | {mean['B']['fb']:.1f} | {mean['B']['fb'] / mean['A']['fb']:.3f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
