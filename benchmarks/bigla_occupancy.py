@@ -75,13 +75,10 @@ def forward_group_sweep():
         op = with_segments(segments)
         times = {}
         for group in (g for g in range(1, segments + 1) if segments % g == 0):
-            fused.FWD_SEGMENTS_PER_PROGRAM = group
-            try:
+            with fused.forward_segments_per_program(group):
                 times[group] = [bench_graph(op, make, 4, 30, False) * 1e3]
                 if group in (1, planned) and planned != 1:
                     times[group].append(bench_graph(op, make, 4, 30, True) * 1e3)
-            finally:
-                fused.FWD_SEGMENTS_PER_PROGRAM = None
         fwd = ", ".join(f"{group}: {'*' if group == planned else ''}{t[0]:.1f}" for group, t in times.items())
         both = f"{times[1][1]:.1f} → {times[planned][1]:.1f}" if planned != 1 else ""
         print(f"| {heads} | {tokens} | {batch} | {segments} | {fwd} | {both} |", flush=True)

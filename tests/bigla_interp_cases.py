@@ -65,11 +65,8 @@ def run_case(batch, length, heads, key_dim, value_dim, gate="weak", segments=Non
     if noncontiguous:  # q, k, v with a last-dim stride of 2; gates in [B, H, T, K] memory order
         inputs = [torch.stack([x, x], -1)[..., 0] for x in leaves[:3]]
         inputs += [x.transpose(1, 2).contiguous().transpose(1, 2) for x in leaves[3:]]
-    fused.FWD_SEGMENTS_PER_PROGRAM = forward_group
-    try:
+    with fused.forward_segments_per_program(forward_group):
         out = bigla_triton(*inputs, segments=segments)
-    finally:
-        fused.FWD_SEGMENTS_PER_PROGRAM = None
     (out * do).sum().backward()
 
     ref_leaves = [x.double().clone().requires_grad_() for x in (q, k, v, g_f, g_b)]

@@ -118,13 +118,11 @@ def test_segment_plan(programs, tokens, segments, chunks_per_segment, forward_gr
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_forward_group_override_must_divide_the_split():
     from vig_kernels.bigla import fused
-    fused.FWD_SEGMENTS_PER_PROGRAM = 3
-    try:
+    with fused.forward_segments_per_program(3):
         assert fused._plan(3, 4096, 32, 64, torch.device("cpu"), segments=6)[5] == 3
         with pytest.raises(ValueError, match="does not divide the plan's 8 segments"):
             fused._plan(3, 4096, 32, 64, torch.device("cpu"))
-    finally:
-        fused.FWD_SEGMENTS_PER_PROGRAM = None
+    assert fused.FWD_SEGMENTS_PER_PROGRAM is None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -215,11 +213,8 @@ def test_gpu_lengths_bf16(length):
 @pytest.mark.parametrize("segments, forward_group", [(1, None), (3, None), (8, None), (8, 2), (8, 4)])
 def test_gpu_segment_paths_agree(segments, forward_group):
     from vig_kernels.bigla import fused
-    fused.FWD_SEGMENTS_PER_PROGRAM = forward_group
-    try:
+    with fused.forward_segments_per_program(forward_group):
         _compare_with_float64(2, 1000, 2, 32, 64, torch.float32, segments=segments)
-    finally:
-        fused.FWD_SEGMENTS_PER_PROGRAM = None
 
 
 @cuda

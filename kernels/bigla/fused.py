@@ -28,6 +28,7 @@ Algorithm (per batch element, head and block of value channels):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -616,6 +617,18 @@ def _forward_group(programs: int, ns: int, cps: int, device: torch.device) -> in
     return min((group for group in range(1, ns + 1) if ns % group == 0), key=cost)
 
 
+@contextlib.contextmanager
+def forward_segments_per_program(count: int | None):
+    """Within the block every forward program owns ``count`` consecutive segments of the split (None: the
+    plan's choice), for tests and tuning; the plan raises ValueError where ``count`` does not divide the split."""
+    global FWD_SEGMENTS_PER_PROGRAM
+    previous, FWD_SEGMENTS_PER_PROGRAM = FWD_SEGMENTS_PER_PROGRAM, count
+    try:
+        yield
+    finally:
+        FWD_SEGMENTS_PER_PROGRAM = previous
+
+
 def _backward_waves(programs: int, segments: int, device: torch.device) -> int:
     per_sm = BWD_PROGRAMS_PER_SM + (1 if _cap_backward(programs, segments, device) else 0)
     return triton.cdiv(programs, per_sm * _sm_count(device))
@@ -845,4 +858,4 @@ def bigla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch
     return _BiGLAFunction.apply(q, k, v, g_fwd, g_bwd, scale, segments or 0)
 
 
-__all__ = ["GATE_MIN", "bigla_triton", "unsupported_reason"]
+__all__ = ["GATE_MIN", "bigla_triton", "forward_segments_per_program", "unsupported_reason"]
