@@ -1,9 +1,10 @@
 # Sourced by tests/run.sh and pretrain/demo.sh: a virtualenv in .venv (override with VENV=...) holding torch
 # and torchvision as one matching pair from PyPI (timm and open_clip import torchvision, which fails next to
-# a mismatched torch) and this package with its test extra. Leaves "$PYTHON" pointing at its interpreter.
+# a mismatched torch) and this package with its test extra, at the verified versions of tests/constraints.txt.
+# Leaves "$PYTHON" pointing at its interpreter.
 venv="${VENV:-.venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check torch==2.11.0 torchvision==0.26.0
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[test]" -c tests/constraints.txt
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PYTHON="$venv/bin/python"
