@@ -210,9 +210,36 @@ def current_config():
             f"{fused.BWD_MAX_REGISTERS or 'none'}")
 
 
+def markdown_table(header: str, results: list[dict]) -> str:
+    """The table of BENCHMARKS.md from result rows (the JSON lines a run prints)."""
+    def fmt(x, scale=1e3, nd=1):
+        return "-" if x is None else f"{x * scale:.{nd}f}"
+
+    lines = [header, "",
+             "Times in µs (medians), peak in MiB; ratios > 1 mean ours is faster / smaller. "
+             "fwd/floor: our forward over the fused forward HBM floor.", "",
+             "| model | T | B | ours fwd | ours f+b | ours peak | fla fwd | fla f+b | fla peak | SDPA fwd | SDPA f+b "
+             "| SDPA peak | floor fwd | floor f+b | fwd/floor | fla f+b / ours | SDPA f+b / ours | fla peak / ours "
+             "| err ours | err fla |",
+             "|" + "---|" * 20]
+    for r in results:
+        g = r.get
+        ratio = lambda a, b: "-" if g(a) is None or g(b) is None else f"{g(a) / g(b):.2f}"  # noqa: E731
+        lines.append(
+            f"| {r['model']} | {r['T']} | {r['B']} | {fmt(g('ours_fwd'))} | {fmt(g('ours_fb'))} | "
+            f"{fmt(g('ours_peak'), 1)} | {fmt(g('fla_fwd'))} | {fmt(g('fla_fb'))} | {fmt(g('fla_peak'), 1)} | "
+            f"{fmt(g('sdpa_fwd'))} | {fmt(g('sdpa_fb'))} | {fmt(g('sdpa_peak'), 1)} | {fmt(g('floor_fwd'))} | "
+            f"{fmt(g('floor_fb'))} | {ratio('ours_fwd', 'floor_fwd')} | {ratio('fla_fb', 'ours_fb')} | "
+            f"{ratio('sdpa_fb', 'ours_fb')} | {ratio('fla_peak', 'ours_peak')} | {g('err_ours', 0):.1e} | "
+            f"{g('err_fla', float('nan')):.1e} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="all", choices=["all", "quick"])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS),
+                    help="models of the full table (e.g. to finish a table that ran out of time)")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench repetition time per measurement (ms)")
     ap.add_argument("--configs", default=None,
                     help="fwd_warps:bwd_warps[:bv[:pps[:stages[:fwd_maxnreg[:bwd_maxnreg]]]]],... sweep")
@@ -228,7 +255,7 @@ def main():
     props = torch.cuda.get_device_properties(device)
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     bandwidth = copy_bandwidth()
-    shapes = QUICK if args.shapes == "quick" else [(m, t, b) for m in MODELS for (t, b) in SETTINGS]
+    shapes = QUICK if args.shapes == "quick" else [(m, t, b) for m in args.models for (t, b) in SETTINGS]
     header = (f"device: {props.name} ({props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB), "
               f"date: {datetime.date.today()}, torch {torch.__version__}, triton {triton.__version__}, "
               f"fla {FLA_VERSION}, python {platform.python_version()}; measured copy bandwidth "
@@ -271,7 +298,7 @@ def main():
         best = min(configs, key=score.get)
         print(f"best configuration: {best} (relative fwd+bwd scores {score})", flush=True)
         set_config(best)
-        shapes = [(m, t, b) for m in MODELS for (t, b) in SETTINGS]
+        shapes = [(m, t, b) for m in args.models for (t, b) in SETTINGS]
     elif args.config:
         set_config(args.config)
     header += f"; ours: {current_config()}; timing: {'CUDA-graph replay' if args.graphs else 'eager calls'}"
@@ -310,27 +337,7 @@ def main():
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
 
-    def fmt(x, scale=1e3, nd=1):
-        return "-" if x is None else f"{x * scale:.{nd}f}"
-
-    lines = [header, "",
-             "Times in µs (medians), peak in MiB; ratios > 1 mean ours is faster / smaller. "
-             "fwd/floor: our forward over the fused forward HBM floor.", "",
-             "| model | T | B | ours fwd | ours f+b | ours peak | fla fwd | fla f+b | fla peak | SDPA fwd | SDPA f+b "
-             "| SDPA peak | floor fwd | floor f+b | fwd/floor | fla f+b / ours | SDPA f+b / ours | fla peak / ours "
-             "| err ours | err fla |",
-             "|" + "---|" * 20]
-    for r in results:
-        g = r.get
-        ratio = lambda a, b: "-" if g(a) is None or g(b) is None else f"{g(a) / g(b):.2f}"  # noqa: E731
-        lines.append(
-            f"| {r['model']} | {r['T']} | {r['B']} | {fmt(g('ours_fwd'))} | {fmt(g('ours_fb'))} | "
-            f"{fmt(g('ours_peak'), 1)} | {fmt(g('fla_fwd'))} | {fmt(g('fla_fb'))} | {fmt(g('fla_peak'), 1)} | "
-            f"{fmt(g('sdpa_fwd'))} | {fmt(g('sdpa_fb'))} | {fmt(g('sdpa_peak'), 1)} | {fmt(g('floor_fwd'))} | "
-            f"{fmt(g('floor_fb'))} | {ratio('ours_fwd', 'floor_fwd')} | {ratio('fla_fb', 'ours_fb')} | "
-            f"{ratio('sdpa_fb', 'ours_fb')} | {ratio('fla_peak', 'ours_peak')} | {g('err_ours', 0):.1e} | "
-            f"{g('err_fla', float('nan')):.1e} |")
-    table = "\n".join(lines)
+    table = markdown_table(header, results)
     print("\n" + table)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:

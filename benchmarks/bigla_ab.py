@@ -3,11 +3,13 @@
 
     python benchmarks/bigla_ab.py --base HEAD~1                        # a git revision of fused.py
     python benchmarks/bigla_ab.py --patch benchmarks/results/x.patch   # the working tree with a patch applied
+    python benchmarks/bigla_ab.py --patch x.patch y.patch --shapes 3,196,128 12,4096,8
 
-The other version is loaded as a separate module (its torch.library namespace renamed), so both sets of
+Each other version is loaded as a separate module (its torch.library namespace renamed), so all sets of
 kernels compile side by side and every row compares like with like: graph replay as in the main table
 (``bigla.bench_graph``), L2 flushed, fwd+bwd and forward medians, ``--runs`` alternating runs each. With
-``--patch`` the patched version is B; with ``--base`` the working tree is B. Prints a markdown table.
+``--patch`` the working tree is A and each patched version B, C, ...; with ``--base`` the working tree is B.
+Prints a markdown table (heads, tokens, batch) per shape.
 """
 from __future__ import annotations
 
@@ -61,19 +63,30 @@ def main():
     ap = argparse.ArgumentParser()
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--base", help="git revision whose fused.py is A (the working tree is B)")
-    which.add_argument("--patch", help="patch to fused.py whose result is B (the working tree is A)")
+    which.add_argument("--patch", nargs="+",
+                       help="patches to fused.py whose results are B, C, ... (the working tree is A)")
+    ap.add_argument("--shapes", nargs="+", help="heads,tokens,batch triples (default: six table shapes)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rep", type=float, default=40.0, help="do_bench repetition time per measurement (ms)")
     args = ap.parse_args()
 
-    other = load_as_module(other_version(args.base, args.patch), "bigla_ab_other")
-    versions = {"A": other, "B": fused} if args.base else {"A": fused, "B": other}
-    label = f"A = {args.base}, B = working tree" if args.base else f"A = working tree, B = + {args.patch}"
+    if args.base:
+        versions = {"A": load_as_module(other_version(args.base, None), "bigla_ab_other"), "B": fused}
+        label = f"A = {args.base}, B = working tree"
+    else:
+        versions = {"A": fused}
+        for i, patch in enumerate(args.patch):
+            versions[chr(ord("B") + i)] = load_as_module(other_version(None, patch), f"bigla_ab_other{i}")
+        label = "A = working tree, " + ", ".join(f"{name} = + {patch}" for name, patch in
+                                                 zip(list(versions)[1:], args.patch))
+    shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes] if args.shapes else SHAPES
+    others = list(versions)[1:]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {label}; graph replay, µs, "
           f"{args.runs} alternating runs (median of each run's do_bench)")
-    print("| heads | tokens | batch | fwd A | fwd B | fwd+bwd A | fwd+bwd B | fwd+bwd B/A |")
-    print("|---|---|---|---|---|---|---|---|")
-    for heads, tokens, batch in SHAPES:
+    print("| heads | tokens | batch | fwd A | " + " | ".join(f"fwd {n}" for n in others) + " | fwd+bwd A | "
+          + " | ".join(f"fwd+bwd {n} | {n}/A" for n in others) + " |")
+    print("|---" * (5 + 3 * len(others)) + "|")
+    for heads, tokens, batch in shapes:
         make = lambda grad, b=batch, t=tokens, h=heads: make_gla_inputs(b, t, h, "cuda", grad)  # noqa: E731
         times = {name: {"fwd": [], "fb": []} for name in versions}
         for _ in range(args.runs):
@@ -82,8 +95,9 @@ def main():
                 times[name]["fwd"].append(bench_graph(op, make, 4, args.rep, False) * 1e3)
                 times[name]["fb"].append(bench_graph(op, make, 4, args.rep, True) * 1e3)
         mean = {name: {k: sum(v) / len(v) for k, v in t.items()} for name, t in times.items()}
-        print(f"| {heads} | {tokens} | {batch} | {mean['A']['fwd']:.1f} | {mean['B']['fwd']:.1f} | "
-              f"{mean['A']['fb']:.1f} | {mean['B']['fb']:.1f} | {mean['B']['fb'] / mean['A']['fb']:.3f} |",
+        print(f"| {heads} | {tokens} | {batch} | {mean['A']['fwd']:.1f} | "
+              + " | ".join(f"{mean[n]['fwd']:.1f}" for n in others) + f" | {mean['A']['fb']:.1f} | "
+              + " | ".join(f"{mean[n]['fb']:.1f} | {mean[n]['fb'] / mean['A']['fb']:.3f}" for n in others) + " |",
               flush=True)
 
 
