@@ -3,6 +3,8 @@
     python benchmarks/bigla.py                      # all ViG shapes, writes benchmarks/results/bigla.md
     python benchmarks/bigla.py --shapes quick       # three representative shapes
     python benchmarks/bigla.py --configs 4:4,4:8 --shapes quick --no-baselines   # tuning sweep
+    python benchmarks/bigla.py --graphs --models ViG-B   # one model's rows (finishing a table that ran out of
+                                                         # time: markdown_table() formats the JSON lines)
 
 Per shape (ViG-T/S/B heads, d_k = 32, d_v = 64; bf16 q, k, v, o; fp32 log-gates ``logsigmoid(z)/16``):
 (a) this kernel, ``vig_kernels.bigla.fused.bigla_triton``;
