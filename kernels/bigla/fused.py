@@ -474,7 +474,8 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
             # The diagonal (weight 2 q~_t.k_t, q~ = q * scale / 2) cancels exactly in q*dq - k*dk: keep it out of
             # the per-direction parts and add it to dq, dk at the end (with 16-bit operands its rounding
             # noise would otherwise dominate the gate gradients). do_t.v_t is read off the diagonal of dp: a row sum
-            # of fp32 copies of do and v kept both tiles live and made the backward spill (13-20% slower).
+            # of fp32 copies of do and v kept both tiles live and made the backward spill (fwd+bwd 13-20% faster
+            # this way on an H100).
             dp_diag = 2.0 * tl.sum(tl.where(r_loc[None, :] == r_loc[:, None], dp, 0.0), axis=1)
             w = tl.where(lower, tl.dot(qf_d, tl.trans(kf_d), input_precision=PREC), 0.0)
             w += tl.where(upper, tl.dot(qb_d, tl.trans(kb_d), input_precision=PREC), 0.0)
