@@ -3,7 +3,8 @@
 * CPU (CI): the kernels under the Triton interpreter in fp32 against the float64 reference, output and all
   five gradients. Triton picks interpret-or-compile when the kernels are defined, so the interpreter cases
   (tests/bigla_interp_cases.py) run in a subprocess with TRITON_INTERPRET=1; that works whatever else the
-  test session imported before.
+  test session imported before. Both kernels are also compiled by ptxas for sm_90, which needs no GPU, and
+  checked against the occupancy the segment plan counts on.
 * GPU (marked ``gpu``, skipped without CUDA): fp32, bf16 and fp16 at ViG shapes, the long-sequence path,
   very negative gates, and a training step through the model against the reference path.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -123,6 +125,32 @@ def test_forward_group_override_must_divide_the_split():
         with pytest.raises(ValueError, match="does not divide the plan's 8 segments"):
             fused._plan(3, 4096, 32, 64, torch.device("cpu"))
     assert fused.FWD_SEGMENTS_PER_PROGRAM is None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("shape", [[], ["--batch", "8", "--tokens", "4096", "--heads", "12", "--segments", "8",
+                                        "--forward-group", "2"]], ids=["vig_t_196", "vig_b_4096_split"])
+def test_kernels_compile_for_hopper_within_the_plans_occupancy(shape):
+    """Both kernels compiled by ptxas for sm_90 (no GPU needed), specialised as the launcher specialises them.
+    The segment plan counts on FWD_PROGRAMS_PER_SM forward and BWD_PROGRAMS_PER_SM backward programs per SM (one
+    more under the backward's register cap): a change that needs more registers or shared memory than that
+    must change the plan with it."""
+    from vig_kernels.bigla import fused
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bigla_sass.py"), *shape],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    usage = {name: (int(registers), int(shared)) for name, registers, shared in re.findall(
+        r"^(forward|backward): (\d+) registers, \d+ B spill stack, (\d+) B shared memory", run.stdout, re.M)}
+    assert set(usage) == {"forward", "backward"}, run.stdout
+    registers_per_sm, shared_per_sm = 65536, 227 * 1024
+    fwd_registers, fwd_shared = usage["forward"]
+    assert fwd_registers * 32 * fused.FWD_WARPS * fused.FWD_PROGRAMS_PER_SM <= registers_per_sm
+    assert fwd_shared * fused.FWD_PROGRAMS_PER_SM <= shared_per_sm
+    bwd_registers, bwd_shared = usage["backward"]
+    assert bwd_registers * 32 * fused.BWD_WARPS * fused.BWD_PROGRAMS_PER_SM <= registers_per_sm
+    assert fused.BWD_MAX_REGISTERS * 32 * fused.BWD_WARPS * (fused.BWD_PROGRAMS_PER_SM + 1) <= registers_per_sm
+    assert bwd_shared * (fused.BWD_PROGRAMS_PER_SM + 1) <= shared_per_sm
 
 
 # ------------------------------------------------------------------------------------------------------
