@@ -638,8 +638,9 @@ def _backward_waves(programs: int, segments: int, device: torch.device) -> int:
 
 def _cap_backward(programs: int, segments: int, device: torch.device) -> bool:
     """Whether to cap the backward's registers: uncapped it takes 255 registers (2 programs per SM), capped at
-    168 it spills but fits 3. Measured on an H200 (docs/kernels.md): 6-7% faster when that turns two waves
-    into one, 15-16% slower when the grid runs in several waves anyway and 24% on the segmented path."""
+    168 it spills but fits 3. Measured on an H200 with the v3 kernels (docs/kernels.md): 6-7% faster when that
+    turns two waves into one, 15-16% slower when the grid runs in several waves anyway and 24% on the segmented
+    path. With the current kernels on an H100, 8-9% faster at the one-wave shapes."""
     sms = _sm_count(device)
     return segments == 1 and 2 * sms < programs <= 3 * sms
 
