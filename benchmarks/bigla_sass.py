@@ -167,7 +167,8 @@ def main():
                         GTB=gate, SYNC="*i32")
     bwd_integers = integers(("sq", "sk", "sf", "sg", "sdq", "sdk", "sdf", "sdg"), ("sv", "sd", "sdv"),
                             extra=("part_stride",))
-    compiled = compile_kernel(fused._bwd_kernel, bwd_pointers, bwd_integers, ("qscale",), shared,
+    compiled = compile_kernel(fused._bwd_kernel, bwd_pointers, bwd_integers, ("qscale",),
+                              dict(shared, CAPPED=args.bwd_max_registers is not None),
                               fused.BWD_WARPS, args.bwd_max_registers)
     report("backward", compiled, args.lines, source)
 

@@ -117,6 +117,8 @@ CASES = {
         dict(batch=1, length=70, heads=1, key_dim=64, value_dim=16, gate="weak", segments=2),
         dict(batch=2, length=90, heads=2, key_dim=64, value_dim=128, gate="typical", segments=3),
         dict(batch=2, length=40, heads=3, key_dim=32, value_dim=64, gate="weak", noncontiguous=True),
+        # 9 programs on the interpreter's 4 "SMs": the register-capped backward and its schedule
+        dict(batch=3, length=65, heads=3, key_dim=32, value_dim=64, gate="strong", segments=1),
         # forward programs that own several consecutive segments
         dict(batch=2, length=300, heads=1, key_dim=32, value_dim=64, gate="strong", segments=4, forward_group=2),
         dict(batch=1, length=190, heads=2, key_dim=16, value_dim=32, gate="typical", segments=6, forward_group=3),
