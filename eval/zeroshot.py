@@ -40,6 +40,7 @@ from open_clip import zero_shot_metadata
 from torch import nn
 
 import vig  # noqa: F401  (registers our timm towers, and the ViG/Vim open_clip configs, before models are made)
+from eval.accuracy import AutocastFactory, distributed, eval_mode, topk_accuracy
 from pretrain.atomic import write_atomically
 from pretrain.data import build_loader, expand_shards, read_dataset_info
 
@@ -48,9 +49,6 @@ logger = logging.getLogger("eval.zeroshot")  # also when run as python -m eval.z
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 EVAL_LOGIT_SCALE = 100.0
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-AutocastFactory = Callable[[], contextlib.AbstractContextManager]
-
 
 # --------------------------------------------------------------------------------------------- class names, templates
 
@@ -192,18 +190,6 @@ def _template_strings(templates: Sequence[str | Callable[[str], str]]) -> list[s
 
 # --------------------------------------------------------------------------------------------- classifier, evaluation
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the block; restores every submodule's own train/eval flag afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def build_classifier(model: nn.Module, tokenizer: Callable, class_names: Sequence[str],
                      templates: Sequence[str | Callable[[str], str]], device: str | torch.device, *,
                      autocast: AutocastFactory = contextlib.nullcontext,
@@ -217,72 +203,28 @@ def build_classifier(model: nn.Module, tokenizer: Callable, class_names: Sequenc
         raise ValueError("no class names to build a zero-shot classifier from")
     if not templates:
         raise ValueError("no templates to build a zero-shot classifier from")
-    with _eval_mode(model), torch.no_grad(), autocast():
+    with eval_mode(model), torch.no_grad(), autocast():
         weights = open_clip.build_zero_shot_classifier(
             model, tokenizer, list(class_names), _template_strings(templates),
             num_classes_per_batch=num_classes_per_batch, device=device)
     return weights.float()
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def evaluate(model: nn.Module, classifier: torch.Tensor, loader: Iterable, device: str | torch.device,
              autocast: AutocastFactory = contextlib.nullcontext) -> dict:
-    """Top-1 and top-5 accuracy (percent) and the sample count of ``loader``'s ``(images, labels)`` batches.
+    """Top-1 and top-5 accuracy (percent), mean cross-entropy and the sample count of ``loader``'s
+    ``(images, labels)`` batches, with logits ``100 * model.encode_image(images, normalize=True) @ classifier``.
 
-    Logits are ``100 * model.encode_image(images, normalize=True) @ classifier``; top-5 is top-min(5, C). When
-    ``torch.distributed`` runs more than one process, the correct and sample counts are summed over ranks, so
-    every rank returns the global figures (give each rank its own part of the data, e.g. ``build_loader(...,
-    task="eval", rank=r, world_size=w)`` and call this on every rank), and ranks with fewer batches run extra forwards on a dummy image so that
-    every rank makes the same number of forward passes (sharded models such as ZeRO-3 gather weights in each).
+    Distributed as :func:`eval.accuracy.topk_accuracy`: call it on every rank, each with its own part of the data.
     """
     device = torch.device(device)
     classifier = classifier.to(device=device, dtype=torch.float32)
-    num_classes = classifier.shape[1]
-    top_k = min(5, num_classes)
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 correct, top-k correct, samples
-    batches, image_shape = 0, None
-    with _eval_mode(model), torch.no_grad():
-        for batch in loader:
-            images, labels = batch[0], batch[1]
-            images = images.to(device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(device, non_blocking=True)
-            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(f"label {int(labels.max() if labels.max() >= num_classes else labels.min())} "
-                                 f"is outside the {num_classes} classes of the classifier: the class names do not "
-                                 "match the shards' labels")
-            with autocast():
-                features = model.encode_image(images, normalize=True)
-            logits = EVAL_LOGIT_SCALE * features.float() @ classifier
-            top = logits.topk(top_k, dim=1).indices
-            hits = top == labels.unsqueeze(1)
-            counts[0] += hits[:, 0].sum()
-            counts[1] += hits.any(dim=1).sum()
-            counts[2] += labels.numel()
-            batches += 1
-            image_shape = tuple(images.shape[1:])
-        if _distributed():
-            _even_out_forwards(model, batches, image_shape, device, autocast)
-            dist.all_reduce(counts)
-    samples = int(counts[2].item())
-    if samples == 0:
-        raise ValueError("the evaluation data held no samples")
-    return {"top1": 100 * counts[0].item() / samples, "top5": 100 * counts[1].item() / samples, "samples": samples}
 
+    def logits_of(images: torch.Tensor) -> torch.Tensor:
+        return EVAL_LOGIT_SCALE * model.encode_image(images, normalize=True).float() @ classifier
 
-def _even_out_forwards(model: nn.Module, batches: int, image_shape: tuple[int, ...] | None, device: torch.device,
-                       autocast: AutocastFactory) -> None:
-    """Run dummy image forwards on ranks that had fewer batches than the busiest rank."""
-    shape = torch.tensor(list(image_shape or (0, 0, 0)) + [batches], dtype=torch.long, device=device)
-    dist.all_reduce(shape, op=dist.ReduceOp.MAX)
-    *dims, most = shape.tolist()
-    if most > batches and min(dims) > 0:
-        dummy = torch.zeros(1, *dims, device=device)
-        for _ in range(most - batches):
-            with autocast():
-                model.encode_image(dummy, normalize=True)
+    with eval_mode(model):
+        return topk_accuracy(logits_of, loader, classifier.shape[1], device, autocast)
 
 
 def zero_shot(model: nn.Module, tokenizer: Callable, shards: str | os.PathLike | Sequence[str], *,
@@ -301,7 +243,7 @@ def zero_shot(model: nn.Module, tokenizer: Callable, shards: str | os.PathLike |
     generated from; a warning is logged if there are any). In a distributed run every rank must call it, with its
     own ``rank`` and the job's ``world_size``.
     """
-    running = dist.get_world_size() if _distributed() else 1
+    running = dist.get_world_size() if distributed() else 1
     if world_size != running:
         raise ValueError(f"world_size={world_size} but {running} process(es) run torch.distributed: call zero_shot "
                          "on every rank with rank=<its index> and world_size=<number of processes>")

@@ -6,7 +6,7 @@ or ``timm.create_model("local-dir:" + folder, pretrained=True)``; for fine-tunin
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -17,19 +17,23 @@ import vig  # noqa: F401  (registers the architectures with timm)
 from pretrain.atomic import atomic_directory
 
 
-def export_timm(state_dict: Mapping[str, torch.Tensor], architecture: str, out_dir: str | Path,
-                **model_args) -> Path:
-    """Build ``architecture`` (headless) with ``model_args``, load ``state_dict`` strictly and write the folder
-    atomically: a crash leaves the previous export (or nothing), never half of one."""
+def export_timm(state_dict: Mapping[str, torch.Tensor], architecture: str, out_dir: str | Path, *,
+                num_classes: int = 0, label_names: Sequence[str] | None = None, **model_args) -> Path:
+    """Build ``architecture`` with ``model_args`` (headless, or with a ``num_classes`` head whose classes
+    ``label_names`` names), load ``state_dict`` strictly and write the folder atomically: a crash leaves the
+    previous export (or nothing), never half of one."""
     out_dir = Path(out_dir)
-    model = timm.create_model(architecture, num_classes=0, **model_args)
+    if label_names is not None and len(label_names) != num_classes:
+        raise ValueError(f"{len(label_names)} label names for a head of {num_classes} classes")
+    model = timm.create_model(architecture, num_classes=num_classes, **model_args)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in state_dict.items()}, strict=True)
     if "img_size" in model_args:
         size = model_args["img_size"]
         height, width = (size, size) if isinstance(size, int) else size
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (model_args.get("in_chans", 3), height, width)}
     with atomic_directory(out_dir) as staging:
-        save_for_hf(model, str(staging), model_args=dict(model_args), safe_serialization=True)
+        save_for_hf(model, str(staging), model_config={"label_names": list(label_names)} if label_names else None,
+                    model_args=dict(model_args), safe_serialization=True)
     return out_dir
 
 

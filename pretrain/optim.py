@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 # Learned tokens, position embeddings and CLIP's logit scale/bias are not weights to shrink toward zero.
@@ -20,20 +20,26 @@ def no_weight_decay_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
     """Trainable parameters split into a decayed group and a ``weight_decay=0`` group.
 
     Not decayed: parameters with at most one dimension (norms, biases), names declared by any module's
     ``no_weight_decay()``, and token-like names (:data:`NO_DECAY_PATTERNS`). Frozen parameters are left out.
+    With ``layer_decay`` below 1, each layer of the model's ``group_matcher()`` (stem, blocks, head) gets its own
+    groups with ``lr_scale = layer_decay ** (layers above it)`` (timm's ``param_groups_layer_decay``).
     """
     excluded = no_weight_decay_names(model) | set(NO_DECAY_PATTERNS)
+    if layer_decay is not None and layer_decay < 1:
+        if not hasattr(model, "group_matcher"):
+            raise ValueError(f"layer-wise LR decay needs the model's group_matcher(); {type(model).__name__} has none")
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=excluded, layer_decay=layer_decay)
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=excluded)
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                    layer_decay: float | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; build it before ``accelerator.prepare`` (which wraps it)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=betas, eps=eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,

@@ -136,3 +136,65 @@ class CLIPRecipe:
     optim: CLIPOptimSection = field(default_factory=CLIPOptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
+
+
+@dataclass
+class FinetuneModelSection:
+    encoder: str = ""
+    """An exported tower (a folder with ``config.json`` and ``model.safetensors``, as the MAE and CLIP trainers
+    write), or a registered architecture name (``vig_base``) to train from random initialisation (the baseline)."""
+    num_classes: int | None = None
+    """Classes of the new head; None: the ``class_names`` in the ``dataset.json`` of data.train_shards."""
+    img_size: int | None = None
+    """Input size; None: the exported tower's (the architecture's default for a name)."""
+    drop_path_rate: float = 0.1
+    layer_decay: float = 0.75
+    """Layer-wise LR decay (BEiT, MAE): the head trains at the LR, each block below at ``layer_decay`` times the
+    block above it, the patch embedding lowest (1: off)."""
+
+
+@dataclass
+class AugmentSection:
+    """MAE's fine-tuning augmentation: timm's RandAugment, random erasing, mixup and cutmix, label smoothing."""
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float | None = None
+    """Color jitter strength; timm applies it only without auto_augment."""
+    re_prob: float = 0.25
+    """Random erasing probability."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range."""
+    mixup: float = 0.8
+    """Mixup alpha (0: off)."""
+    cutmix: float = 1.0
+    """Cutmix alpha (0: off)."""
+    mixup_prob: float = 1.0
+    """Probability of mixing a batch at all."""
+    mixup_switch_prob: float = 0.5
+    """Probability of cutmix rather than mixup when both are on."""
+    smoothing: float = 0.1
+    """Label smoothing."""
+
+
+@dataclass
+class FinetuneOptimSection(OptimSection):
+    """MAE's fine-tuning optimiser: AdamW (0.9, 0.999), base LR 5e-4 per 256 images, 100 epochs, 5 warm-up."""
+    base_lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    min_lr: float = 1e-6
+    epochs: int = 100
+    warmup_epochs: int = 5
+
+
+@dataclass
+class FinetuneTrainSection(TrainSection):
+    eval_every: int = 1
+    """Evaluate on data.val_shards every this many epochs and at the end (0: only at the end)."""
+
+
+@dataclass
+class FinetuneRecipe:
+    model: FinetuneModelSection = field(default_factory=FinetuneModelSection)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    data: DataSection = field(default_factory=lambda: DataSection(resampled=False))
+    optim: FinetuneOptimSection = field(default_factory=FinetuneOptimSection)
+    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)

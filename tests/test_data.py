@@ -295,6 +295,27 @@ def test_eval_pixels_reach_the_batch_unchanged(tmp_path, digits):
             torch.testing.assert_close(channel, torch.from_numpy(images[index]).float() / 255)
 
 
+def test_classify_batches_are_augmented_and_keep_their_labels(tmp_path, digits):
+    images, labels = digits
+    write_digit_shards(tmp_path, digits, 24, per_shard=10)
+    samples = read_shards(str(tmp_path))
+    loader = build_loader(tmp_path, "classify", 8, 16, num_workers=0, with_keys=True,
+                          augment=dict(auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25))
+    seen: dict[str, list[torch.Tensor]] = {}
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for batch, batch_labels, keys in loader:
+            assert batch.shape == (8, 3, 16, 16) and batch_labels.dtype == torch.long
+            for image, label, key in zip(batch, batch_labels, keys):
+                assert label == labels[json.loads(samples[key]["json"])["index"]]
+                seen.setdefault(key, []).append(image)
+    assert len(seen) == 24 and all(len(views) == 2 for views in seen.values())
+    # random crops, RandAugment and erasing: the two epochs' views of a digit differ (eval's are identical)
+    assert sum(not torch.equal(*views) for views in seen.values()) == 24
+    with pytest.raises(ValueError, match="augment options apply to task 'classify', not 'eval'"):
+        build_loader(tmp_path, "eval", 8, 16, augment=dict(re_prob=0.25))
+
+
 def test_two_ranks_two_workers_see_each_sample_exactly_once(tmp_path, digits):
     keys = write_digit_shards(tmp_path, digits, 103, per_shard=9)  # 12 shards, the last one short
     seen = []

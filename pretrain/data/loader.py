@@ -7,6 +7,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -188,6 +189,7 @@ def build_loader(
     crop_pct: float = 0.875,
     max_bad_fraction: float = 0.01,
     sizes: Mapping[str, int] | None = None,
+    augment: Mapping[str, Any] | None = None,
     with_keys: bool = False,
     pin_memory: bool = False,
 ) -> ShardLoader:
@@ -196,7 +198,8 @@ def build_loader(
     Args:
         shards: shard directory, brace or glob pattern, ``::``-joined patterns, or a list of them.
         task: ``"mae"`` yields images ``[B, 3, S, S]``; ``"clip"`` yields ``(images, token ids [B, L])``, or
-            ``(images, list of captions)`` without a tokenizer; ``"eval"`` yields ``(images, labels [B])``.
+            ``(images, list of captions)`` without a tokenizer; ``"classify"`` (augmented, for fine-tuning) and
+            ``"eval"`` (resize and center crop) yield ``(images, labels [B])``.
             ``with_keys`` appends the list of sample keys.
         rank, world_size: this process's place (accelerate's ``process_index`` / ``num_processes``).
         resampled: draw shards with replacement (endless stream cut into epochs of ``samples_per_epoch``,
@@ -206,6 +209,7 @@ def build_loader(
         shuffle_buffer: per-worker sample shuffle buffer (also the resume bound; < 2 disables it).
         max_bad_fraction: raise :class:`BadDataError` once more than this fraction of a rank's epoch was bad.
         sizes: shard file name -> sample count, where no ``sizes.json`` sits next to the shards.
+        augment: keyword arguments of timm's training transform for task ``classify`` (see ``image_transform``).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
@@ -229,7 +233,7 @@ def build_loader(
     if total == 0:
         raise ValueError(f"the {len(urls)} shards hold no samples according to their counts (first {urls[0]!r})")
     steps, rank_samples = _rank_epoch(total, samples_per_epoch, rank, world_size, batch_size, drop_last, resampled)
-    transform = image_transform(task, image_size, mean=mean, std=std, crop_pct=crop_pct)
+    transform = image_transform(task, image_size, mean=mean, std=std, crop_pct=crop_pct, augment=augment)
     config = StreamConfig(
         urls=tuple(urls), sizes=tuple(counts), task=task, batch_size=batch_size, steps_per_epoch=steps,
         samples_per_epoch=rank_samples, max_bad_fraction=max_bad_fraction, rank=rank, world_size=world_size,

@@ -19,9 +19,10 @@ import webdataset as wds
 from webdataset.utils import make_seed, pytorch_worker_info
 
 from .layout import Piece, epoch_order, epoch_worker_pieces, resampled_pieces, skip_samples, worker_quotas
+from .transforms import LABELLED_TASKS
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-REQUIRED_KEYS = {"mae": (), "clip": ("txt",), "eval": ("cls",)}
+REQUIRED_KEYS = {"mae": (), "clip": ("txt",), "classify": ("cls",), "eval": ("cls",)}
 # In drop_last epochs a worker re-reads its range (at most this many more times) to replace bad samples, so
 # that every rank still makes the same number of steps.
 REFILL_PASSES = 2
@@ -205,7 +206,7 @@ def _prepare(samples: Iterable[dict], config: StreamConfig, bad: _BadLog) -> Ite
             # Anything can go wrong decoding bytes from outside; transforms and tokenizer errors are ours and
             # propagate.
             image = _decode_rgb(extension, sample[extension])
-            label = int(sample["cls"]) if config.task == "eval" else None
+            label = int(sample["cls"]) if config.task in LABELLED_TASKS else None
             text = sample["txt"].decode("utf-8") if config.task == "clip" else None
         except Exception as exn:
             bad.add(BadSample(sample["__url__"], sample["__key__"], f"{type(exn).__name__}: {exn}"))
@@ -239,7 +240,7 @@ def _deliveries(prepared: Iterable[_Prepared], config: StreamConfig, bad: _BadLo
 
 def _collate(batch: list[_Prepared], config: StreamConfig) -> object:
     parts: list[object] = [torch.stack([item.image for item in batch])]
-    if config.task == "eval":
+    if config.task in LABELLED_TASKS:
         parts.append(torch.tensor([item.label for item in batch], dtype=torch.long))
     elif config.task == "clip":
         texts = [item.text for item in batch]

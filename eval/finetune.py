@@ -1,0 +1,276 @@
+"""Fine-tune a pretrained ViG, ViG-H or Vim tower for image classification on labelled WebDataset shards.
+
+    accelerate launch eval/finetune.py recipes/finetune_vig_b.yaml model.encoder=runs/mae_vig_b/encoder \
+        data.train_shards=/data/in1k/train data.val_shards=/data/in1k/val
+    accelerate launch eval/finetune.py recipes/finetune_vig_b.yaml model.encoder=vig_base   # from scratch
+
+MAE's end-to-end fine-tuning protocol (``main_finetune.py``) on the trainers' machinery (recipes, mixed precision,
+checkpoints and resume, signals, non-finite guard, DDP and DeepSpeed): a new linear head on the pooled feature,
+AdamW with layer-wise LR decay, drop path, RandAugment and random erasing, mixup and cutmix with label smoothing,
+warm-up and cosine decay per update. Top-1 / top-5 on ``data.val_shards`` (resize and center crop) every
+``train.eval_every`` epochs and at the end, appended to ``<output_dir>/metrics.jsonl``. The fine-tuned classifier
+is exported to ``<output_dir>/model`` in timm's format (``timm.create_model(name, num_classes=N,
+checkpoint_path=".../model.safetensors")``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+import vig  # noqa: F401  (registers the architectures with timm)
+from eval.accuracy import eval_mode, topk_accuracy
+from pretrain.atomic import write_atomically
+from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.data import build_loader, read_dataset_info
+from pretrain.export import export_timm
+from pretrain.guards import NonFiniteGuard, StopSignal
+from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.schema import AugmentSection, FinetuneRecipe
+from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
+
+
+def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop_path_rate: float) -> nn.Module:
+    """A classifier with a freshly initialised head on an exported tower's weights, or on a random tower when
+    ``encoder`` names an architecture instead of a folder."""
+    args = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **({"img_size": img_size} if img_size else {}))
+    folder = Path(encoder)
+    if folder.is_dir():
+        config_path, weights = folder / "config.json", folder / "model.safetensors"
+        if not config_path.is_file() or not weights.is_file():
+            raise FileNotFoundError(f"{folder} is not an exported tower: it needs config.json and model.safetensors")
+        config = json.loads(config_path.read_text())
+        tower_args = {key: value for key, value in config.get("model_args", {}).items() if key != "num_classes"}
+        model = timm.create_model(config["architecture"], pretrained=True,
+                                  pretrained_cfg_overlay=dict(file=str(weights)), **{**tower_args, **args})
+        model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
+    elif encoder in timm.list_models():
+        model = timm.create_model(encoder, **args)
+    else:
+        raise FileNotFoundError(f"model.encoder={encoder!r} is neither an exported tower folder nor a registered "
+                                "architecture")
+    if img_size:
+        channels = model.pretrained_cfg["input_size"][0]
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, img_size, img_size)}
+    return model
+
+
+def recorded_class_names(shards: str) -> list[str] | None:
+    """The ``class_names`` of the shards' ``dataset.json``, or None where it records none."""
+    try:
+        names = read_dataset_info(shards).get("class_names")
+    except FileNotFoundError:
+        return None
+    return [str(name) for name in names] if names else None
+
+
+def input_size(model: nn.Module) -> int:
+    return int(model.pretrained_cfg["input_size"][-1])
+
+
+def mixup_and_loss(augment: AugmentSection, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm's batch mixing and the loss that matches its targets (soft targets when mixing, else smoothed)."""
+    if augment.mixup > 0 or augment.cutmix > 0:
+        mixup = Mixup(mixup_alpha=augment.mixup, cutmix_alpha=augment.cutmix, prob=augment.mixup_prob,
+                      switch_prob=augment.mixup_switch_prob, label_smoothing=augment.smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if augment.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(augment.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, shards: str) -> None:
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(labels.max() if labels.max() >= num_classes else labels.min())
+        raise ValueError(f"label {bad} in {shards} is outside the model's {num_classes} classes: set "
+                         "model.num_classes or fix the shards' labels")
+
+
+def export_classifier(accelerator: Accelerator, model: nn.Module, class_names: list[str] | None, num_classes: int,
+                      out_dir: Path) -> None:
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; call on every process
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        export_timm(state_dict, unwrapped.pretrained_cfg["architecture"], out_dir, num_classes=num_classes,
+                    label_names=class_names, img_size=input_size(unwrapped))
+        accelerator.print(f"exported the classifier to {out_dir}")
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = trainer_arguments(argv, __doc__, "classifier", "model")
+    recipe = load_recipe(args.recipe, FinetuneRecipe, args.overrides)
+    if not recipe.model.encoder:
+        raise ValueError("model.encoder is empty: name an exported tower folder or an architecture")
+    if not recipe.data.train_shards:
+        raise ValueError("data.train_shards is empty: fine-tuning needs labelled training shards")
+    run_dir = Path(recipe.train.output_dir)
+    accelerator = build_accelerator(recipe, run_dir)
+    set_seed(recipe.train.seed, device_specific=True)
+
+    class_names = recorded_class_names(recipe.data.train_shards)
+    num_classes = recipe.model.num_classes or len(class_names or [])
+    if not num_classes:
+        raise ValueError(f"the dataset.json of {recipe.data.train_shards} records no class_names: "
+                         "set model.num_classes")
+    if class_names is not None and len(class_names) != num_classes:
+        class_names = None  # a head of another size than the recorded classes: export it without label names
+    model = create_classifier(recipe.model.encoder, num_classes, recipe.model.img_size, recipe.model.drop_path_rate)
+    if recipe.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    image_size, data_cfg = input_size(model), model.pretrained_cfg
+    augment = recipe.augment
+    mixup, criterion = mixup_and_loss(augment, num_classes)
+    if mixup is not None and recipe.optim.batch_size % 2:
+        raise ValueError(f"mixup and cutmix pair each image with another: optim.batch_size must be even, not "
+                         f"{recipe.optim.batch_size}")
+    loader = build_loader(recipe.data.train_shards, "classify", recipe.optim.batch_size, image_size,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          num_workers=recipe.data.num_workers, resampled=recipe.data.resampled,
+                          samples_per_epoch=recipe.data.samples_per_epoch if recipe.data.resampled else None,
+                          seed=recipe.train.seed, shuffle_buffer=recipe.data.shuffle_buffer,
+                          mean=data_cfg["mean"], std=data_cfg["std"], max_bad_fraction=recipe.data.max_bad_fraction,
+                          augment=dict(auto_augment=augment.auto_augment, color_jitter=augment.color_jitter,
+                                       re_prob=augment.re_prob, scale=tuple(augment.scale)))
+    val_loader = None
+    if recipe.data.val_shards:
+        val_loader = build_loader(recipe.data.val_shards, "eval", recipe.optim.batch_size, image_size,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                  num_workers=recipe.data.num_workers, mean=data_cfg["mean"], std=data_cfg["std"],
+                                  crop_pct=data_cfg.get("crop_pct", 0.875))
+
+    updates_per_epoch = max(1, loader.steps_per_epoch // recipe.optim.accum_steps)
+    total_updates = recipe.optim.epochs * updates_per_epoch
+    global_batch = recipe.optim.batch_size * recipe.optim.accum_steps * accelerator.num_processes
+    lr = recipe.optim.lr or scaled_lr(recipe.optim.base_lr, global_batch)
+    optimizer = build_optimizer(model, lr, recipe.optim.weight_decay, recipe.optim.betas, recipe.optim.eps,
+                                layer_decay=recipe.model.layer_decay)
+    warmup = recipe.optim.warmup_steps if recipe.optim.warmup_steps is not None \
+        else recipe.optim.warmup_epochs * updates_per_epoch
+    scheduler = build_scheduler(optimizer, total_updates, warmup, recipe.optim.min_lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if val_loader is not None and accelerator.distributed_type == DistributedType.DEEPSPEED \
+            and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("evaluation during fine-tuning needs whole weights on every process; with ZeRO-3 leave "
+                         "data.val_shards empty and evaluate the exported model")
+    # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.
+    input_dtype = next(model.parameters()).dtype
+    state = TrainState()
+    guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
+    for stateful in (state, loader, scheduler, guard):
+        accelerator.register_for_checkpointing(stateful)
+    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
+    export_dir = Path(args.export_to or run_dir / "model")
+
+    if args.export_from:
+        checkpoints.resume(args.export_from)
+        export_classifier(accelerator, model, class_names, num_classes, export_dir)
+        return None
+
+    def evaluate() -> dict:
+        unwrapped = accelerator.unwrap_model(model)
+        with eval_mode(unwrapped):
+            result = topk_accuracy(lambda images: unwrapped(images.to(dtype=input_dtype)), val_loader, num_classes,
+                                   accelerator.device, autocast=accelerator.autocast)
+        result = {"step": state.step, "epoch": loader.epoch, **result}
+        accelerator.print(f"step {state.step}: top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% "
+                          f"({result['samples']} images)")
+        tracker.log({"val/top1": result["top1"], "val/top5": result["top5"], "val/loss": result["loss"]},
+                    state.step)
+        if accelerator.is_main_process:
+            metrics = run_dir / "metrics.jsonl"
+            previous = metrics.read_text() if metrics.is_file() else ""
+            write_atomically(metrics, (previous + json.dumps(result) + "\n").encode())
+        return result
+
+    checkpoints.resume(recipe.train.resume)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    tracker = Tracker(accelerator, run_dir, "finetune", recipe_to_dict(recipe))
+    last_update = min(total_updates, recipe.train.max_steps or total_updates)
+    source = "random init" if not Path(recipe.model.encoder).is_dir() else recipe.model.encoder
+    accelerator.print(f"fine-tuning {model_name(accelerator, model)} ({source}) for {num_classes} classes at "
+                      f"{image_size}px: {last_update} updates from step {state.step}, global batch {global_batch}, "
+                      f"lr {lr:.3g}, {accelerator.num_processes} processes")
+    throughput = Throughput()
+    bar = progress_bar(accelerator, total=last_update, initial=state.step, description="finetune")
+    grad_norm = torch.tensor(0.0)
+    eval_every = recipe.train.eval_every * updates_per_epoch
+
+    with StopSignal() as stop:
+        while state.step < last_update:
+            state.epoch = loader.epoch
+            for images, labels in loader:
+                check_labels(labels, num_classes, recipe.data.train_shards)
+                images = images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
+                targets = labels.to(accelerator.device, non_blocking=True)
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                with accelerator.accumulate(model):
+                    scheduler.step_update(state.step)
+                    with accelerator.autocast():
+                        loss = criterion(model(images).float(), targets)
+                    if not guard.check(loss, state.step):
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                                    recipe.optim.clip_grad or math.inf)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                throughput.update(images.shape[0] * accelerator.num_processes)
+                state.samples_seen += images.shape[0] * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                bar.update(1)
+                if state.step % recipe.train.log_every == 0 or state.step == last_update:
+                    scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": max_lr(optimizer),
+                               "grad_norm": math.nan if grad_norm is None else grad_norm,
+                               "images_per_second": throughput.rate() or 0.0,
+                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
+                               "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
+                               "bad_samples": loader.bad_sample_count}
+                    tracker.log(scalars, state.step)
+                    bar.set_postfix(loss=f"{scalars['loss'].item():.4f}", lr=f"{scalars['lr']:.2e}")
+                if val_loader is not None and eval_every and state.step % eval_every == 0 \
+                        and state.step != last_update:
+                    evaluate()
+                stopping = stop.should_stop(accelerator)
+                if state.step % recipe.train.checkpoint_every == 0 or stopping or state.step == last_update:
+                    checkpoints.save(state.step)
+                if stopping:
+                    accelerator.print(f"stopped by {stop.received} at step {state.step}; resume with train.resume=auto")
+                    tracker.close()
+                    return None
+                if state.step >= last_update:
+                    break
+    bar.close()
+    result = evaluate() if val_loader is not None else None
+    export_classifier(accelerator, model, class_names, num_classes, export_dir)
+    tracker.close()
+    return result
+
+
+def model_name(accelerator: Accelerator, model: nn.Module) -> str:
+    return accelerator.unwrap_model(model).pretrained_cfg["architecture"]
+
+
+def max_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR of the groups at full rate (the head's, under layer-wise decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
