@@ -108,6 +108,15 @@ def export_classifier(accelerator: Accelerator, model: nn.Module, class_names: l
     accelerator.wait_for_everyone()
 
 
+def model_name(accelerator: Accelerator, model: nn.Module) -> str:
+    return accelerator.unwrap_model(model).pretrained_cfg["architecture"]
+
+
+def max_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR of the groups at full rate (the head's, under layer-wise decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     args = trainer_arguments(argv, __doc__, "classifier", "model")
     recipe = load_recipe(args.recipe, FinetuneRecipe, args.overrides)
@@ -261,15 +270,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     export_classifier(accelerator, model, class_names, num_classes, export_dir)
     tracker.close()
     return result
-
-
-def model_name(accelerator: Accelerator, model: nn.Module) -> str:
-    return accelerator.unwrap_model(model).pretrained_cfg["architecture"]
-
-
-def max_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The LR of the groups at full rate (the head's, under layer-wise decay)."""
-    return max(group["lr"] for group in optimizer.param_groups)
 
 
 if __name__ == "__main__":

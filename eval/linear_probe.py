@@ -76,7 +76,8 @@ def train_head(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, e
         order = torch.randperm(len(train_x), generator=generator)
         for start in range(0, len(train_x), batch_size):
             index = order[start:start + batch_size]
-            scale = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+            progress = (step - warmup) / (total - warmup)
+            scale = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress))
             for group in optimizer.param_groups:
                 group["lr"] = peak * scale
             loss = nn.functional.cross_entropy(head(train_x[index]), train_y[index])
