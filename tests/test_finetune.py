@@ -91,6 +91,11 @@ def test_resumed_finetuning_matches_an_uninterrupted_one(digits, tmp_path):
     expected = load_file(str(straight / "model" / "model.safetensors"))
     for key, value in load_file(str(resumed / "model" / "model.safetensors")).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # Exporting the last checkpoint later gives the same classifier as the export at the end of the run.
+    finetune.main([str(DEMO_RECIPE), *overrides(digits, straight), "--export-from",
+                   str(straight / "checkpoints" / "step_00000008"), "--export-to", str(tmp_path / "later")])
+    for key, value in load_file(str(tmp_path / "later" / "model.safetensors")).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_mixup_with_timm_augmentation_trains(digits, tmp_path):
