@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,26 @@ def test_bad_settings_fail_before_training_naming_the_problem(digits, tmp_path):
         finetune.main([str(DEMO_RECIPE), *overrides(digits, tmp_path / "odd", **{"augment.mixup": 0.8,
                                                                                "optim.batch_size": 31})])
     assert not (tmp_path / "odd" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_process_run_evaluates_every_validation_image_once(tmp_path):
+    data = tmp_path / "digits"
+    write_demo(data, source="digits", train_size=128, val_size=97, progress=False)  # ranks get 49 and 48 images
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+               str(ROOT / "eval" / "finetune.py"), str(DEMO_RECIPE),
+               *overrides(data, run, **{"optim.batch_size": 16, "optim.epochs": 2, "train.eval_every": 0})]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["samples"] == 97 and final["step"] == 8  # 128 images / (16 x 2 ranks) x 2 epochs
+    # The ranks' summed counts equal one process evaluating the exported classifier on all 97 images.
+    exported = timm.create_model("vig_tiny", num_classes=10, img_size=32,
+                                 checkpoint_path=str(run / "model" / "model.safetensors"))
+    loader = build_loader(data / "val", "eval", 16, 32, num_workers=0, mean=exported.pretrained_cfg["mean"],
+                          std=exported.pretrained_cfg["std"], crop_pct=exported.pretrained_cfg["crop_pct"])
+    with eval_mode(exported):
+        single = topk_accuracy(exported, loader, 10, "cpu")
+    assert single["top1"] == pytest.approx(final["top1"]) and single["loss"] == pytest.approx(final["loss"], rel=1e-4)
