@@ -38,6 +38,17 @@ def overrides(data: Path, run: Path, **extra) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
+def evaluate_export(run: Path, val_shards: Path, batch_size: int) -> dict:
+    """Top-k accuracy of the exported classifier of ``run``, loaded through timm, in one process."""
+    exported = timm.create_model("vig_tiny", num_classes=10, img_size=32,
+                                 checkpoint_path=str(run / "model" / "model.safetensors"))
+    cfg = exported.pretrained_cfg
+    loader = build_loader(val_shards, "eval", batch_size, 32, num_workers=0, mean=cfg["mean"], std=cfg["std"],
+                          crop_pct=cfg["crop_pct"])
+    with eval_mode(exported):
+        return topk_accuracy(exported, loader, 10, "cpu")
+
+
 def test_layer_decay_scales_each_block_below_the_head():
     model = timm.create_model("vig_tiny", num_classes=10)
     groups = param_groups(model, 0.05, layer_decay=0.5)
@@ -76,12 +87,7 @@ def test_finetuning_learns_digits_and_exports_a_timm_classifier(digits, tmp_path
 
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["num_classes"] == 10 and config["label_names"] == [str(digit) for digit in range(10)]
-    exported = timm.create_model("vig_tiny", num_classes=10, img_size=32,
-                                 checkpoint_path=str(tmp_path / "model" / "model.safetensors"))
-    loader = build_loader(digits / "val", "eval", 64, 32, num_workers=0, mean=exported.pretrained_cfg["mean"],
-                          std=exported.pretrained_cfg["std"], crop_pct=exported.pretrained_cfg["crop_pct"])
-    with eval_mode(exported):
-        again = topk_accuracy(exported, loader, 10, "cpu")
+    again = evaluate_export(tmp_path, digits / "val", 64)
     assert again["top1"] == pytest.approx(result["top1"]) and again["samples"] == 192
 
 
@@ -130,10 +136,5 @@ def test_two_process_run_evaluates_every_validation_image_once(tmp_path):
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["samples"] == 97 and final["step"] == 8  # 128 images / (16 x 2 ranks) x 2 epochs
     # The ranks' summed counts equal one process evaluating the exported classifier on all 97 images.
-    exported = timm.create_model("vig_tiny", num_classes=10, img_size=32,
-                                 checkpoint_path=str(run / "model" / "model.safetensors"))
-    loader = build_loader(data / "val", "eval", 16, 32, num_workers=0, mean=exported.pretrained_cfg["mean"],
-                          std=exported.pretrained_cfg["std"], crop_pct=exported.pretrained_cfg["crop_pct"])
-    with eval_mode(exported):
-        single = topk_accuracy(exported, loader, 10, "cpu")
+    single = evaluate_export(run, data / "val", 16)
     assert single["top1"] == pytest.approx(final["top1"]) and single["loss"] == pytest.approx(final["loss"], rel=1e-4)
