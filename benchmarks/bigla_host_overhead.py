@@ -42,9 +42,9 @@ def main():
     with torch.no_grad():
         launcher = microseconds_per_call(lambda: fused._forward(*leaves, 0.2, plan))
         eager = microseconds_per_call(lambda: fused.bigla_triton(*leaves))
-        registered = microseconds_per_call(lambda: op(*leaves, 0.2, 0, 0))
+        registered = microseconds_per_call(lambda: op(*leaves, 0.2, 0))
     eager_fb = microseconds_per_call(lambda: torch.autograd.grad(fused.bigla_triton(*leaves), leaves, do), 1000)
-    registered_fb = microseconds_per_call(lambda: torch.autograd.grad(op(*leaves, 0.2, 0, 0)[0], leaves, do), 1000)
+    registered_fb = microseconds_per_call(lambda: torch.autograd.grad(op(*leaves, 0.2, 0)[0], leaves, do), 1000)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}\n"
           "| host µs per call | launcher | eager entry (no grad) | torch.library op (no grad) | "
           "eager fwd+bwd | torch.library op fwd+bwd |\n|---|---|---|---|---|---|\n"
