@@ -33,8 +33,9 @@ from vig_kernels.bigla import fused  # noqa: E402
 
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
-# LDS also counts LDSM (ldmatrix) loads; LDL and STL are spill loads and stores
-FAMILIES = ("SHFL", "BAR", "LDS", "STS", "HMMA", "MUFU", "LDL", "STL")
+# LDS also counts LDSM (ldmatrix) loads; HGMMA are Hopper's warpgroup MMAs (wgmma, which Triton emits for dots of
+# 64 or more rows); LDL and STL are spill loads and stores
+FAMILIES = ("SHFL", "BAR", "LDS", "STS", "HMMA", "HGMMA", "MUFU", "LDL", "STL")
 OPCODE = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
