@@ -9,7 +9,8 @@ Each other version is loaded as a separate module (its torch.library namespace r
 kernels compile side by side and every row compares like with like: graph replay as in the main table
 (``bigla.bench_graph``), L2 flushed, fwd+bwd and forward medians, ``--runs`` alternating runs each. With
 ``--patch`` the working tree is A and each patched version B, C, ...; with ``--base`` the working tree is B.
-Prints a markdown table (heads, tokens, batch) per shape.
+Prints a markdown table (heads, tokens, batch) per shape, with each version's largest RMS ratio against A over o
+and the five gradients on one input set (0 or rounding noise for a change of schedule only).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bigla import bench_graph, make_gla_inputs  # noqa: E402
+from bigla import bench_graph, make_gla_inputs, rms_ratio  # noqa: E402
 
 from vig_kernels.bigla import fused  # noqa: E402
 
@@ -59,6 +60,20 @@ def load_as_module(source: str, name: str):
     return module
 
 
+def disagreement(versions: dict, make) -> dict:
+    """Largest RMS ratio over o and the five gradients of each version after A against A, on one input set: a
+    candidate that only reschedules the kernels gives 0 or rounding noise, and a wrong one shows here."""
+    xs = make(True)
+    results = {}
+    for name, module in versions.items():
+        out = module.bigla_triton(*xs)
+        upstream = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(0), device=out.device,
+                               dtype=out.dtype)
+        results[name] = (out, *torch.autograd.grad(out, xs, upstream))
+    return {name: max(rms_ratio(got, ref) for got, ref in zip(results[name], results["A"]))
+            for name in list(versions)[1:]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     which = ap.add_mutually_exclusive_group(required=True)
@@ -84,10 +99,11 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {label}; graph replay, µs, "
           f"{args.runs} alternating runs (median of each run's do_bench)")
     print("| heads | tokens | batch | fwd A | " + " | ".join(f"fwd {n}" for n in others) + " | fwd+bwd A | "
-          + " | ".join(f"fwd+bwd {n} | {n}/A" for n in others) + " |")
-    print("|---" * (5 + 3 * len(others)) + "|")
+          + " | ".join(f"fwd+bwd {n} | {n}/A | {n} vs A (RMS ratio)" for n in others) + " |")
+    print("|---" * (5 + 4 * len(others)) + "|")
     for heads, tokens, batch in shapes:
         make = lambda grad, b=batch, t=tokens, h=heads: make_gla_inputs(b, t, h, "cuda", grad)  # noqa: E731
+        differs = disagreement(versions, make)
         times = {name: {"fwd": [], "fb": []} for name in versions}
         for _ in range(args.runs):
             for name, module in versions.items():
@@ -97,7 +113,8 @@ def main():
         mean = {name: {k: sum(v) / len(v) for k, v in t.items()} for name, t in times.items()}
         print(f"| {heads} | {tokens} | {batch} | {mean['A']['fwd']:.1f} | "
               + " | ".join(f"{mean[n]['fwd']:.1f}" for n in others) + f" | {mean['A']['fb']:.1f} | "
-              + " | ".join(f"{mean[n]['fb']:.1f} | {mean[n]['fb'] / mean['A']['fb']:.3f}" for n in others) + " |",
+              + " | ".join(f"{mean[n]['fb']:.1f} | {mean[n]['fb'] / mean['A']['fb']:.3f} | {differs[n]:.1e}"
+                           for n in others) + " |",
               flush=True)
 
 
