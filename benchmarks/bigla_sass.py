@@ -9,13 +9,15 @@ machine. The arguments are specialised as the launcher's would be for contiguous
 (pointers and integers that are multiples of 16 get Triton's divisibility hint), which reproduces the
 register counts measured on the H200 (forward 143, backward 255 with a spill stack). A loop is a backward
 branch spanning more than 20 instructions; its count is what one warp issues per chunk step. The per-line
-attribution follows the line table: scans and reductions are charged to the enclosing loop or kernel
-signature line. Findings are in docs/kernels.md.
+attribution follows the line table, file by file: inlined helpers keep their own files, and Triton's scans and
+reductions show as lines of triton/language/standard.py (``_sum_combine``, ``sum``, ``cumsum``). Findings are
+in docs/kernels.md.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import re
 import subprocess
@@ -86,13 +88,14 @@ def loops(sass):
 
 
 def profile(sass, first, last):
-    """Opcode counts and instruction counts per source line between two SASS lines."""
+    """Opcode counts and instruction counts per source line ((file, line), None where the line table has none)
+    between two SASS lines. Inlined helpers, Triton's own scans and reductions among them, keep their files."""
     opcodes, per_line, line_opcodes = collections.Counter(), collections.Counter(), {}
     source_line = None
     for text in sass[first:last + 1]:
-        where = re.search(r'## File ".*", line (\d+)', text)
+        where = re.search(r'## File "(.*)", line (\d+)', text)
         if where:
-            source_line = int(where.group(1))
+            source_line = (where.group(1), int(where.group(2)))
             continue
         match = OPCODE.match(text)
         if match:
@@ -102,7 +105,22 @@ def profile(sass, first, last):
     return opcodes, per_line, line_opcodes
 
 
-def report(name, compiled, show_lines: int, source):
+@functools.lru_cache(maxsize=None)
+def source_lines(path: str) -> list[str]:
+    return open(path).read().splitlines() if os.path.isfile(path) else []
+
+
+def describe(source_line) -> str:
+    """``file:line: text`` of a line-table entry."""
+    if source_line is None:
+        return "?"
+    path, line = source_line
+    lines = source_lines(path)
+    text = lines[line - 1].strip()[:70] if 0 < line <= len(lines) else ""
+    return f"{os.path.basename(path)}:{line}: {text}"
+
+
+def report(name, compiled, show_lines: int):
     registers, stack, sass = disassemble(compiled)
     total = sum(1 for line in sass if OPCODE.match(line))
     print(f"{name}: {registers} registers, {stack} B spill stack, {compiled.metadata.shared} B shared memory, "
@@ -114,9 +132,8 @@ def report(name, compiled, show_lines: int, source):
         mix = ", ".join(f"{op} {n}" for op, n in opcodes.most_common(10))
         print(f"  loop of {sum(opcodes.values())} instructions per warp per step ({families}): {mix}")
         for line, count in per_line.most_common(show_lines):
-            text = source[line - 1].strip()[:70] if line else "?"
             ops = ", ".join(f"{op} {n}" for op, n in line_opcodes[line].most_common(4))
-            print(f"    {count:5d}  line {line}: {text}  [{ops}]")
+            print(f"    {count:5d}  {describe(line)}  [{ops}]")
 
 
 def main():
@@ -145,7 +162,6 @@ def main():
     data, gate, stash = POINTER_TYPES[dtype], "*fp32", POINTER_TYPES[stash_dtype]
     shared = dict(K=K, DV=V, BV=bv, BT=bt, NS=ns, CPS=cps, DOT=dot, PREC=prec, PHASE=0)
     forward = dict(shared, SUB=args.forward_group)
-    source = open(fused.__file__).read().splitlines()
     print(f"B={B} T={T} H={H} K={K} V={V} {args.dtype}: chunk {bt}, value block {bv}, {ns} segment(s) of {cps} "
           f"chunks, {args.forward_group} per forward program, triton {triton.__version__}, sm_90")
 
@@ -161,7 +177,7 @@ def main():
                         HB=gate, GTF=gate, GTB=gate, SYNC="*i32")
     compiled = compile_kernel(fused._fwd_kernel, fwd_pointers, integers(("sq", "sk", "sf", "sg"), ("sv", "so")),
                               ("qscale",), forward, fused.FWD_WARPS, args.fwd_max_registers)
-    report("forward", compiled, args.lines, source)
+    report("forward", compiled, args.lines)
 
     bwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, DO=data, DQ=data, DK=data, DVp=data,
                         DGF=gate, DGB=gate, STASH=stash, SUF=gate, HF=gate, HB=gate, DSF=gate, DSB=gate, GTF=gate,
@@ -171,7 +187,7 @@ def main():
     compiled = compile_kernel(fused._bwd_kernel, bwd_pointers, bwd_integers, ("qscale",),
                               dict(shared, CAPPED=args.bwd_max_registers is not None),
                               fused.BWD_WARPS, args.bwd_max_registers)
-    report("backward", compiled, args.lines, source)
+    report("backward", compiled, args.lines)
 
 
 if __name__ == "__main__":
