@@ -6,8 +6,8 @@ the SASS instruction mix of every chunk loop, optionally per source line.
 
 Triton compiles for sm_90 with the ptxas, nvdisasm and cuobjdump that ship in its wheel, so this runs on a CPU
 machine. The arguments are specialised as the launcher's would be for contiguous [B, T, H, D] tensors
-(pointers and integers that are multiples of 16 get Triton's divisibility hint), which reproduces the
-register counts measured on the H200 (forward 143, backward 255 with a spill stack). A loop is a backward
+(pointers and integers that are multiples of 16 get Triton's divisibility hint); for the v3 kernels this
+reproduced the register counts measured on the H200 (forward 143, backward 255 with a spill stack). A loop is a backward
 branch spanning more than 20 instructions; its count is what one warp issues per chunk step. The per-line
 attribution follows the line table, file by file: inlined helpers keep their own files, and Triton's scans and
 reductions show as lines of triton/language/standard.py (``_sum_combine``, ``sum``, ``cumsum``). Findings are
