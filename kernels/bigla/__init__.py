@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import get_backend
+from ..backend import get_backend, import_fused
 from .reference import bigla_reference
 
 
@@ -36,31 +36,11 @@ def _check_inputs(q, k, v, g_fwd, g_bwd) -> None:
         raise ValueError(f"bigla: v has shape {tuple(v.shape)}; its [B, T, H] must equal q's {tuple(q.shape[:3])}")
 
 
-_FUSED_IMPORT_ERROR: str | None = None
-
-
-def _triton_module():
-    """The fused-kernel module, or None where it cannot be imported (no Triton, say)."""
-    global _FUSED_IMPORT_ERROR
-    try:
-        from . import fused
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        _FUSED_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-        return None
-    return fused
-
-
-def _triton_bigla():
-    """The fused kernel, or None where it is not available."""
-    module = _triton_module()
-    return None if module is None else module.bigla_triton
-
-
 def triton_unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:
     """Why the fused kernel would not run these inputs (None if it would)."""
-    module = _triton_module()
+    module, error = import_fused(__name__)
     if module is None:
-        return f"the Triton kernel could not be imported ({_FUSED_IMPORT_ERROR})"
+        return f"the Triton kernel could not be imported ({error})"
     return module.unsupported_reason(q, k, v, g_fwd, g_bwd)
 
 
@@ -81,7 +61,7 @@ def bigla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor
         return bigla_reference(q, k, v, g_fwd, g_bwd, scale)
     reason = triton_unsupported_reason(q, k, v, g_fwd, g_bwd)
     if reason is None:
-        return _triton_bigla()(q, k, v, g_fwd, g_bwd, scale)
+        return import_fused(__name__)[0].bigla_triton(q, k, v, g_fwd, g_bwd, scale)
     if backend == "triton":
         raise RuntimeError(f"bigla: the 'triton' backend cannot run these inputs: {reason}")
     return bigla_reference(q, k, v, g_fwd, g_bwd, scale)
