@@ -94,7 +94,9 @@ def _bi_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, out_ptr,
                         su_d, su_b, su_t, sd_d, sd_b, sd_t, sA_d, sA_e, sB_d, sB_b, sB_t, sC_d, sC_b, sC_t, sD_d,
                         so_b, so_t, length, channels, d_state,
                         N_CHUNKS: tl.constexpr, CH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
-    e_block, batch, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    e_block = tl.program_id(0)
+    # 64-bit offsets: direction x batch x length x channels passes 2**31 at large shapes.
+    batch, direction = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     e = e_block * BLOCK_E + tl.arange(0, BLOCK_E)
     e_mask = e < channels
     n = tl.arange(0, BLOCK_N)
@@ -127,7 +129,9 @@ def _bi_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dout_ptr, 
                         su_d, su_b, su_t, sd_d, sd_b, sd_t, sA_d, sA_e, sB_d, sB_b, sB_t, sC_d, sC_b, sC_t, sD_d,
                         sdo_b, sdo_t, batches, length, channels, d_state,
                         N_CHUNKS: tl.constexpr, CH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
-    e_block, batch, direction = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    e_block = tl.program_id(0)
+    # 64-bit offsets: direction x batch x length x channels passes 2**31 at large shapes.
+    batch, direction = tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
     e_blocks = tl.num_programs(0)
     e_local = tl.arange(0, BLOCK_E)
     e = e_block * BLOCK_E + e_local
