@@ -15,29 +15,27 @@ checkpoint_path=".../model.safetensors")``).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import timm
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval.accuracy import eval_mode, topk_accuracy
-from pretrain.atomic import write_atomically
+from eval.tuning import append_metrics, build_schedule, fit, require_whole_weights
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import build_loader, read_dataset_info
 from pretrain.export import export_timm
-from pretrain.guards import NonFiniteGuard, StopSignal
-from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.guards import NonFiniteGuard
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import AugmentSection, FinetuneRecipe
-from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
+from pretrain.tracking import Tracker, build_accelerator
 
 
 def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop_path_rate: float) -> nn.Module:
@@ -112,11 +110,6 @@ def model_name(accelerator: Accelerator, model: nn.Module) -> str:
     return accelerator.unwrap_model(model).pretrained_cfg["architecture"]
 
 
-def max_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The LR of the groups at full rate (the head's, under layer-wise decay)."""
-    return max(group["lr"] for group in optimizer.param_groups)
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     args = trainer_arguments(argv, __doc__, "classifier", "model")
     recipe = load_recipe(args.recipe, FinetuneRecipe, args.overrides)
@@ -159,25 +152,14 @@ def main(argv: list[str] | None = None) -> dict | None:
                                   num_workers=recipe.data.num_workers, mean=data_cfg["mean"], std=data_cfg["std"],
                                   crop_pct=data_cfg.get("crop_pct", 0.875))
 
-    updates_per_epoch = max(1, loader.steps_per_epoch // recipe.optim.accum_steps)
-    total_updates = recipe.optim.epochs * updates_per_epoch
-    global_batch = recipe.optim.batch_size * recipe.optim.accum_steps * accelerator.num_processes
-    lr = recipe.optim.lr or scaled_lr(recipe.optim.base_lr, global_batch)
-    optimizer = build_optimizer(model, lr, recipe.optim.weight_decay, recipe.optim.betas, recipe.optim.eps,
-                                layer_decay=recipe.model.layer_decay)
-    warmup = recipe.optim.warmup_steps if recipe.optim.warmup_steps is not None \
-        else recipe.optim.warmup_epochs * updates_per_epoch
-    scheduler = build_scheduler(optimizer, total_updates, warmup, recipe.optim.min_lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if val_loader is not None and accelerator.distributed_type == DistributedType.DEEPSPEED \
-            and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ValueError("evaluation during fine-tuning needs whole weights on every process; with ZeRO-3 leave "
-                         "data.val_shards empty and evaluate the exported model")
+    schedule = build_schedule(recipe, model, loader, accelerator.num_processes, recipe.model.layer_decay)
+    model, schedule.optimizer = accelerator.prepare(model, schedule.optimizer)
+    require_whole_weights(accelerator, val_loader is not None)
     # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.
     input_dtype = next(model.parameters()).dtype
     state = TrainState()
     guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
-    for stateful in (state, loader, scheduler, guard):
+    for stateful in (state, loader, schedule.scheduler, guard):
         accelerator.register_for_checkpointing(stateful)
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
     export_dir = Path(args.export_to or run_dir / "model")
@@ -197,75 +179,32 @@ def main(argv: list[str] | None = None) -> dict | None:
                           f"({result['samples']} images)")
         tracker.log({"val/top1": result["top1"], "val/top5": result["top5"], "val/loss": result["loss"]},
                     state.step)
-        if accelerator.is_main_process:
-            metrics = run_dir / "metrics.jsonl"
-            previous = metrics.read_text() if metrics.is_file() else ""
-            write_atomically(metrics, (previous + json.dumps(result) + "\n").encode())
+        append_metrics(accelerator, run_dir, result)
         return result
+
+    def loss_of(batch) -> tuple[torch.Tensor, int]:
+        images, labels = batch
+        check_labels(labels, num_classes, recipe.data.train_shards)
+        images = images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
+        targets = labels.to(accelerator.device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        with accelerator.autocast():
+            return criterion(model(images).float(), targets), images.shape[0]
 
     checkpoints.resume(recipe.train.resume)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / "recipe.yaml")
     tracker = Tracker(accelerator, run_dir, "finetune", recipe_to_dict(recipe))
-    last_update = min(total_updates, recipe.train.max_steps or total_updates)
+    last_update = min(schedule.total_updates, recipe.train.max_steps or schedule.total_updates)
     source = "random init" if not Path(recipe.model.encoder).is_dir() else recipe.model.encoder
     accelerator.print(f"fine-tuning {model_name(accelerator, model)} ({source}) for {num_classes} classes at "
-                      f"{image_size}px: {last_update} updates from step {state.step}, global batch {global_batch}, "
-                      f"lr {lr:.3g}, {accelerator.num_processes} processes")
-    throughput = Throughput()
-    bar = progress_bar(accelerator, total=last_update, initial=state.step, description="finetune")
-    grad_norm = torch.tensor(0.0)
-    eval_every = recipe.train.eval_every * updates_per_epoch
-
-    with StopSignal() as stop:
-        while state.step < last_update:
-            state.epoch = loader.epoch
-            for images, labels in loader:
-                check_labels(labels, num_classes, recipe.data.train_shards)
-                images = images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
-                targets = labels.to(accelerator.device, non_blocking=True)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                with accelerator.accumulate(model):
-                    scheduler.step_update(state.step)
-                    with accelerator.autocast():
-                        loss = criterion(model(images).float(), targets)
-                    if not guard.check(loss, state.step):
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                                    recipe.optim.clip_grad or math.inf)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                throughput.update(images.shape[0] * accelerator.num_processes)
-                state.samples_seen += images.shape[0] * accelerator.num_processes
-                if not accelerator.sync_gradients:
-                    continue
-                state.step += 1
-                bar.update(1)
-                if state.step % recipe.train.log_every == 0 or state.step == last_update:
-                    scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": max_lr(optimizer),
-                               "grad_norm": math.nan if grad_norm is None else grad_norm,
-                               "images_per_second": throughput.rate() or 0.0,
-                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
-                               "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
-                               "bad_samples": loader.bad_sample_count}
-                    tracker.log(scalars, state.step)
-                    bar.set_postfix(loss=f"{scalars['loss'].item():.4f}", lr=f"{scalars['lr']:.2e}")
-                if val_loader is not None and eval_every and state.step % eval_every == 0 \
-                        and state.step != last_update:
-                    evaluate()
-                stopping = stop.should_stop(accelerator)
-                if state.step % recipe.train.checkpoint_every == 0 or stopping or state.step == last_update:
-                    checkpoints.save(state.step)
-                if stopping:
-                    accelerator.print(f"stopped by {stop.received} at step {state.step}; resume with train.resume=auto")
-                    tracker.close()
-                    return None
-                if state.step >= last_update:
-                    break
-    bar.close()
+                      f"{image_size}px: {last_update} updates from step {state.step}, global batch "
+                      f"{schedule.global_batch}, lr {schedule.lr:.3g}, {accelerator.num_processes} processes")
+    if not fit(accelerator, recipe, model, schedule, loader, state, guard, checkpoints, tracker, loss_of,
+               evaluate if val_loader is not None else None, "finetune"):
+        return None
     result = evaluate() if val_loader is not None else None
     export_classifier(accelerator, model, class_names, num_classes, export_dir)
     tracker.close()

@@ -32,6 +32,9 @@ class ShardLoader:
     the position, so the next iteration (or a loader restored from :meth:`state_dict`) continues from it.
     """
 
+    stream_class: type[WorkerStream] = WorkerStream
+    """What each epoch's workers run; a subclass for other sample kinds (image + mask: ``data/segmentation.py``)."""
+
     def __init__(self, config: StreamConfig, *, num_workers: int, pin_memory: bool):
         self.config = config
         self.num_workers = num_workers
@@ -65,7 +68,7 @@ class ShardLoader:
             self._epoch_bad = 0
         generator = torch.Generator().manual_seed(make_seed(config.seed, self.epoch, config.rank, self.batches_done))
         loader = wds.WebLoader(
-            WorkerStream(config, self.epoch, self.batches_done),
+            self.stream_class(config, self.epoch, self.batches_done),
             batch_size=None,  # workers deliver whole batches
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -138,13 +138,20 @@ class WorkerStream(torch.utils.data.IterableDataset):
         passes = self._passes(stream, num_workers, skip=already * config.batch_size)
         # Each pass is shuffled on its own so that a refill pass starts only after the first one is used up.
         shuffled = itertools.chain.from_iterable(
-            self._shuffle(_complete_samples(_read_pieces(pieces, bad), REQUIRED_KEYS[config.task], bad), rng)
+            self._shuffle(_complete_samples(_read_pieces(pieces, bad), self._required_keys(), bad), rng)
             for pieces in passes
         )
-        prepared = _prepare(shuffled, config, bad)
-        yield from itertools.islice(_deliveries(prepared, config, bad), quota - already)
+        yield from itertools.islice(self._deliveries(shuffled, bad), quota - already)
         if bad.pending:
             yield Delivery(None, 0, bad.drain())
+
+    def _required_keys(self) -> tuple[str, ...]:
+        """Keys every sample needs besides an image (other sample kinds override this and ``_deliveries``)."""
+        return REQUIRED_KEYS[self.config.task]
+
+    def _deliveries(self, samples: Iterable[dict], bad: _BadLog) -> Iterator[Delivery]:
+        """Decoded, transformed and batched samples."""
+        return _deliveries(_prepare(samples, self.config, bad), self.config, bad)
 
     def _passes(self, stream: int, num_workers: int, skip: int) -> list[Iterable[Piece]]:
         """The stream's reading passes, the first without its first ``skip`` samples (already delivered)."""

@@ -1,0 +1,125 @@
+"""The fine-tuning loop shared by classification (``finetune.py``) and segmentation (``segment.py``): optimizer
+and schedule, updates with accumulation, the non-finite guard and gradient clipping, logging, periodic evaluation,
+checkpoints and stopping on a signal."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+
+from pretrain.atomic import write_atomically
+from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.data import ShardLoader
+from pretrain.guards import NonFiniteGuard, StopSignal
+from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.tracking import Throughput, Tracker, progress_bar
+
+
+@dataclass
+class Schedule:
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    lr: float
+    updates_per_epoch: int
+    total_updates: int
+    global_batch: int
+
+
+def build_schedule(recipe, model: nn.Module, loader: ShardLoader, num_processes: int, layer_decay: float) -> Schedule:
+    """AdamW with layer-wise LR decay and the per-update warm-up + cosine schedule of ``recipe.optim``."""
+    optim = recipe.optim
+    updates_per_epoch = max(1, loader.steps_per_epoch // optim.accum_steps)
+    total_updates = optim.epochs * updates_per_epoch
+    global_batch = optim.batch_size * optim.accum_steps * num_processes
+    lr = optim.lr or scaled_lr(optim.base_lr, global_batch)
+    optimizer = build_optimizer(model, lr, optim.weight_decay, optim.betas, optim.eps, layer_decay=layer_decay)
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else optim.warmup_epochs * updates_per_epoch
+    scheduler = build_scheduler(optimizer, total_updates, warmup, optim.min_lr)
+    return Schedule(optimizer, scheduler, lr, updates_per_epoch, total_updates, global_batch)
+
+
+def require_whole_weights(accelerator: Accelerator, evaluating: bool) -> None:
+    if evaluating and accelerator.distributed_type == DistributedType.DEEPSPEED \
+            and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError("evaluation during fine-tuning needs whole weights on every process; with ZeRO-3 leave "
+                         "data.val_shards empty and evaluate the exported model")
+
+
+def append_metrics(accelerator: Accelerator, run_dir: Path, result: dict) -> None:
+    """Append one JSON line to ``<run_dir>/metrics.jsonl``, replacing the file atomically (main process)."""
+    if accelerator.is_main_process:
+        metrics = run_dir / "metrics.jsonl"
+        previous = metrics.read_text() if metrics.is_file() else ""
+        write_atomically(metrics, (previous + json.dumps(result) + "\n").encode())
+
+
+def max_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR of the groups at full rate (the head's, under layer-wise decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def fit(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, loader: ShardLoader,
+        state: TrainState, guard: NonFiniteGuard, checkpoints: CheckpointManager, tracker: Tracker,
+        loss_of: Callable[[object], tuple[torch.Tensor, int]], evaluate: Callable[[], dict] | None,
+        description: str) -> bool:
+    """Train until ``train.max_steps`` or the schedule's end; False when a signal stopped it (checkpoint saved).
+
+    ``loss_of(batch)`` returns the batch's loss and image count; ``evaluate`` (if any) runs every
+    ``train.eval_every`` epochs before the last update (the caller evaluates at the end).
+    """
+    optimizer, scheduler = schedule.optimizer, schedule.scheduler
+    last_update = min(schedule.total_updates, recipe.train.max_steps or schedule.total_updates)
+    throughput = Throughput()
+    bar = progress_bar(accelerator, total=last_update, initial=state.step, description=description)
+    grad_norm = torch.tensor(0.0)
+    eval_every = recipe.train.eval_every * schedule.updates_per_epoch
+    with StopSignal() as stop:
+        while state.step < last_update:
+            state.epoch = loader.epoch
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    scheduler.step_update(state.step)
+                    loss, images = loss_of(batch)
+                    if not guard.check(loss, state.step):
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                                    recipe.optim.clip_grad or math.inf)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                throughput.update(images * accelerator.num_processes)
+                state.samples_seen += images * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                bar.update(1)
+                if state.step % recipe.train.log_every == 0 or state.step == last_update:
+                    scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": max_lr(optimizer),
+                               "grad_norm": math.nan if grad_norm is None else grad_norm,
+                               "images_per_second": throughput.rate() or 0.0,
+                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
+                               "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
+                               "bad_samples": loader.bad_sample_count}
+                    tracker.log(scalars, state.step)
+                    bar.set_postfix(loss=f"{scalars['loss'].item():.4f}", lr=f"{scalars['lr']:.2e}")
+                if evaluate is not None and eval_every and state.step % eval_every == 0 \
+                        and state.step != last_update:
+                    evaluate()
+                stopping = stop.should_stop(accelerator)
+                if state.step % recipe.train.checkpoint_every == 0 or stopping or state.step == last_update:
+                    checkpoints.save(state.step)
+                if stopping:
+                    accelerator.print(f"stopped by {stop.received} at step {state.step}; resume with train.resume=auto")
+                    tracker.close()
+                    return False
+                if state.step >= last_update:
+                    break
+    bar.close()
+    return True
