@@ -34,14 +34,14 @@ FUSED = os.path.join("kernels", "bigla", "fused.py")
 SHAPES = [(3, 196, 128), (12, 196, 128), (3, 1024, 32), (6, 1024, 32), (12, 1024, 32), (12, 4096, 8)]
 
 
-def other_version(base: str | None, patch: str | None) -> str:
-    """Source of fused.py at a git revision, or the working tree's with a patch applied."""
+def other_version(base: str | None, patch: str | None, fused: str = FUSED) -> str:
+    """Source of a fused.py (BiGLA's by default) at a git revision, or the working tree's with a patch applied."""
     if base:
-        return subprocess.run(["git", "show", f"{base}:{FUSED}"], cwd=ROOT, check=True, capture_output=True,
+        return subprocess.run(["git", "show", f"{base}:{fused}"], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout
     with tempfile.TemporaryDirectory() as tmp:
         target = os.path.join(tmp, "fused.py")
-        with open(os.path.join(ROOT, FUSED)) as src, open(target, "w") as dst:
+        with open(os.path.join(ROOT, fused)) as src, open(target, "w") as dst:
             dst.write(src.read())
         subprocess.run(["patch", "--quiet", target, os.path.abspath(patch)], check=True)
         with open(target) as fh:
