@@ -1,7 +1,7 @@
 """A/B timing of the fused selective scan: the working tree's kernels against a patched copy of
 ``kernels/selective_scan/fused.py``, in the same process on the same GPU.
 
-    python benchmarks/selective_scan_ab.py --patch benchmarks/results/selective_scan_backward_flip_scan_candidate.patch
+    python benchmarks/selective_scan_ab.py --patch candidate.patch   # a patch to kernels/selective_scan/fused.py
 
 Per shape of ``benchmarks/selective_scan.py``: graph-replay medians (L2 flushed) of forward and fwd+bwd, the
 better of two alternating runs per version, and the largest RMS ratio of the patched version's output and six
