@@ -49,10 +49,20 @@ class FPNHead(nn.Module):
         return self.classifier(self.fuse(fused))
 
 
-class Segmenter(nn.Module):
-    """``backbone`` is a headless timm tower of this package (it provides ``forward_intermediates``)."""
+def prefixed_groups(groups: dict, prefix: str) -> dict:
+    """A timm ``group_matcher()`` result for a module that now sits at ``prefix`` inside a larger model."""
+    def prefixed(pattern: str) -> str:
+        return re.sub(r"\^", "^" + re.escape(prefix + "."), pattern)
 
-    def __init__(self, backbone: nn.Module, num_classes: int, decoder_dim: int = 256, dropout: float = 0.1):
+    return {name: prefixed(rule) if isinstance(rule, str) else [(prefixed(p), order) for p, order in rule]
+            for name, rule in groups.items()}
+
+
+class TowerPyramid(nn.Module):
+    """A headless timm tower of this package (it provides ``forward_intermediates``) as a 4-level pyramid at
+    strides 4-32 (:meth:`pyramid`); the base of the segmenter and of the detector's backbone (``detector.py``)."""
+
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
         info = backbone.feature_info
@@ -63,26 +73,29 @@ class Segmenter(nn.Module):
                 raise ValueError(f"{type(backbone).__name__} has {len(info)} blocks; the pyramid takes 4")
             self.indices = [len(info) * (level + 1) // len(PYRAMID_STRIDES) - 1 for level in range(4)]
         chosen = [info[index] for index in self.indices]
+        self.pyramid_channels = [entry["num_chs"] for entry in chosen]
         self.resample = nn.ModuleList(resample(entry["num_chs"], entry["reduction"], target)
                                       for entry, target in zip(chosen, PYRAMID_STRIDES))
-        self.decode_head = FPNHead([entry["num_chs"] for entry in chosen], decoder_dim, num_classes, dropout)
         self.pretrained_cfg = backbone.pretrained_cfg
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def pyramid(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = self.backbone.forward_intermediates(images, indices=self.indices, norm=True,
                                                        intermediates_only=True)
-        pyramid = [resample(x) for resample, x in zip(self.resample, features)]
-        logits = self.decode_head(pyramid)
-        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return [resample(x) for resample, x in zip(self.resample, features)]
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """The tower's layer groups under ``backbone.``; the decoder, unmatched, trains at the full LR."""
-        def prefixed(pattern: str) -> str:
-            return re.sub(r"\^", r"^backbone\\.", pattern)
-
-        groups = self.backbone.group_matcher(coarse)
-        return {name: prefixed(rule) if isinstance(rule, str) else [(prefixed(p), order) for p, order in rule]
-                for name, rule in groups.items()}
+        """The tower's layer groups under ``backbone.``; everything else, unmatched, trains at the full LR."""
+        return prefixed_groups(self.backbone.group_matcher(coarse), "backbone")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
+
+
+class Segmenter(TowerPyramid):
+    def __init__(self, backbone: nn.Module, num_classes: int, decoder_dim: int = 256, dropout: float = 0.1):
+        super().__init__(backbone)
+        self.decode_head = FPNHead(self.pyramid_channels, decoder_dim, num_classes, dropout)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.decode_head(self.pyramid(images))
+        return F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +73,20 @@ def write_segmentation_shards(samples: Sequence[SegmentationSample], out_dir: st
     ``reduce_zero_label`` (ADE20K's annotations) maps mask value 0 to ignore and every other value v to v - 1.
     Raises ValueError naming the sample when a mask's size differs from its image's or a value is no class.
     """
+    def members(sample: SegmentationSample) -> dict[str, bytes]:
+        extension, image_bytes, mask = _encode_sample(sample, len(class_names), reduce_zero_label)
+        return {extension: image_bytes, MASK_KEY: _png(mask),
+                "json": json.dumps(sample.metadata, sort_keys=True).encode()}
+
+    info = {**(dataset_info or {}), "format": "webdataset", "task": "segmentation", "class_names": list(class_names),
+            "ignore_index": IGNORE_INDEX, "mask_key": MASK_KEY}
+    return write_keyed_shards(samples, members, out_dir, info, prefix, max_samples_per_shard, shuffle_seed)
+
+
+def write_keyed_shards(samples: Sequence, members: Callable[[object], dict[str, bytes]], out_dir: str | os.PathLike,
+                       info: dict, prefix: str, max_samples_per_shard: int, shuffle_seed: int | None) -> dict[str, int]:
+    """Samples as ``{prefix}-NNNNNN.tar`` shards (``members(sample)``: extension -> bytes), keyed by position in a
+    fixed pseudo-random order, then ``dataset.json`` (``info`` + the sample count) and, last, ``sizes.json``."""
     os.makedirs(out_dir, exist_ok=True)
     order = np.arange(len(samples)) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(
         len(samples))
@@ -83,15 +97,10 @@ def write_segmentation_shards(samples: Sequence[SegmentationSample], out_dir: st
         with atomic_file(os.path.join(out_dir, name)) as stream:
             tar = wds.TarWriter(stream, encoder=False, mtime=0)  # fixed mtime: the archive depends on content only
             for position in range(start, min(start + max_samples_per_shard, len(samples))):
-                sample = samples[order[position]]
-                extension, image_bytes, mask = _encode_sample(sample, len(class_names), reduce_zero_label)
-                tar.write({"__key__": f"{position:0{width}d}", extension: image_bytes, MASK_KEY: _png(mask),
-                           "json": json.dumps(sample.metadata, sort_keys=True).encode()})
+                tar.write({"__key__": f"{position:0{width}d}", **members(samples[order[position]])})
             tar.close()
         sizes[name] = min(max_samples_per_shard, len(samples) - start)
-    info = {**(dataset_info or {}), "format": "webdataset", "task": "segmentation", "class_names": list(class_names),
-            "ignore_index": IGNORE_INDEX, "mask_key": MASK_KEY, "num_samples": len(samples)}
-    for filename, value in ((INFO_FILE, info), (SIZES_FILE, sizes)):
+    for filename, value in ((INFO_FILE, {**info, "num_samples": len(samples)}), (SIZES_FILE, sizes)):
         with atomic_file(os.path.join(out_dir, filename)) as stream:
             stream.write((json.dumps(value, indent=1) + "\n").encode())
     return sizes
@@ -136,7 +145,8 @@ def derived_canvases(items: np.ndarray, labels: np.ndarray, count: int, *, canva
                      per_canvas: tuple[int, int] = (2, 4), threshold: int = 64, binary: bool = False,
                      seed: int = 0) -> Iterator[SegmentationSample]:
     """``count`` canvases of ``per_canvas`` randomly placed items (later items cover earlier ones) and the
-    derived mask: item class + 1 (``binary``: 1) where an item's pixel exceeds ``threshold``, 0 elsewhere."""
+    derived mask: item class + 1 (``binary``: 1) where an item's pixel exceeds ``threshold``, 0 elsewhere. The
+    metadata records each item's index, label and ``[top, left]`` placement, in pasting order."""
     rng = np.random.default_rng(seed)
     side = items.shape[1]
     if side > canvas:
@@ -145,25 +155,24 @@ def derived_canvases(items: np.ndarray, labels: np.ndarray, count: int, *, canva
         image = np.zeros((canvas, canvas), np.uint8)
         mask = np.zeros((canvas, canvas), np.uint8)
         chosen = rng.choice(len(items), int(rng.integers(per_canvas[0], per_canvas[1] + 1)), replace=False)
+        placements = []
         for index in chosen:
             top, left = rng.integers(0, canvas - side + 1, size=2)
+            placements.append([int(top), int(left)])
             window = (slice(top, top + side), slice(left, left + side))
             foreground = items[index] > threshold
             image[window][foreground] = items[index][foreground]
             mask[window][foreground] = 1 if binary else labels[index] + 1
         yield SegmentationSample(image, mask, {"items": [int(i) for i in chosen],
-                                               "item_labels": [int(labels[i]) for i in chosen]})
+                                               "item_labels": [int(labels[i]) for i in chosen],
+                                               "placements": placements})
 
 
-def write_demo_segmentation(out_dir: str | os.PathLike, *, source: str = "auto", train_size: int = 2000,
-                            val_size: int = 200, canvas: int = 64, per_canvas: tuple[int, int] = (2, 4),
-                            threshold: int = 64, binary: bool = False, seed: int = 0,
-                            max_samples_per_shard: int = 1000,
-                            fashion_mnist_dir: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str, dict[str, int]]:
-    """``out_dir/train`` and ``out_dir/val``: canvases of Fashion-MNIST items (train canvases from the official
-    train split, val canvases from the test split), or of scikit-learn digits upscaled 3x to 24 pixels (a fixed
-    half/half split of the 1,797 images) where Fashion-MNIST is not installed. ``binary`` labels every item
-    pixel 1 (foreground) instead of its class + 1. See :data:`DERIVED_LABELS_NOTE`."""
+def demo_items(source: str, seed: int, fashion_mnist_dir: str | os.PathLike = FASHION_MNIST_DIR
+               ) -> tuple[str, tuple[str, ...], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The source's name, class names and ``{"train", "val"}`` -> (uint8 items [N, side, side], labels [N]):
+    Fashion-MNIST's official train and test splits, or scikit-learn digits upscaled 3x to 24 pixels (a fixed
+    half/half split of the 1,797 images) where Fashion-MNIST is not installed."""
     name = resolve_demo_source(source, fashion_mnist_dir)
     if name == "fashion-mnist":
         class_names = FASHION_MNIST_CLASSES
@@ -178,6 +187,19 @@ def write_demo_segmentation(out_dir: str | os.PathLike, *, source: str = "auto",
         splits = {"train": (images[half[::2]], digits.target[half[::2]]),
                   "val": (images[half[1::2]], digits.target[half[1::2]])}
         class_names = DIGITS_CLASSES
+    return name, class_names, splits
+
+
+def write_demo_segmentation(out_dir: str | os.PathLike, *, source: str = "auto", train_size: int = 2000,
+                            val_size: int = 200, canvas: int = 64, per_canvas: tuple[int, int] = (2, 4),
+                            threshold: int = 64, binary: bool = False, seed: int = 0,
+                            max_samples_per_shard: int = 1000,
+                            fashion_mnist_dir: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str, dict[str, int]]:
+    """``out_dir/train`` and ``out_dir/val``: canvases of Fashion-MNIST items (train canvases from the official
+    train split, val canvases from the test split), or of scikit-learn digits upscaled 3x to 24 pixels (a fixed
+    half/half split of the 1,797 images) where Fashion-MNIST is not installed. ``binary`` labels every item
+    pixel 1 (foreground) instead of its class + 1. See :data:`DERIVED_LABELS_NOTE`."""
+    name, class_names, splits = demo_items(source, seed, fashion_mnist_dir)
     written = {}
     for number, (split, size) in enumerate((("train", train_size), ("val", val_size))):
         items, labels = splits[split]
@@ -273,15 +295,17 @@ def _prepare_pair(sample: dict, transform, bad: _BadLog) -> tuple[str, torch.Ten
     return key, image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
 
-def _batches(pairs: Iterator, batch_size: int, drop_last: bool, bad: _BadLog) -> Iterator[Delivery]:
+def _batches(pairs: Iterator, batch_size: int, drop_last: bool, bad: _BadLog,
+             collate: Callable[[list], object] | None = None) -> Iterator[Delivery]:
+    collate = collate or _collate
     batch = []
     for pair in pairs:
         batch.append(pair)
         if len(batch) == batch_size:
-            yield Delivery(_collate(batch), len(batch), bad.drain())
+            yield Delivery(collate(batch), len(batch), bad.drain())
             batch = []
     if batch and not drop_last:
-        yield Delivery(_collate(batch), len(batch), bad.drain())
+        yield Delivery(collate(batch), len(batch), bad.drain())
 
 
 def _collate(batch: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -1,0 +1,202 @@
+"""Fine-tune a pretrained ViG, ViG-H or Vim tower for object detection on image + boxes WebDataset shards.
+
+    python -m pretrain.data.detection demo --out demo_data/detection       # derived data: docs/detection.md
+    accelerate launch eval/detect.py recipes/demo_detect_vig_t.yaml model.encoder=runs/demo_mae_vig_t/encoder
+    accelerate launch eval/detect.py recipes/detect_vig_b.yaml model.encoder=runs/mae_vig_b/encoder \
+        data.train_shards=/data/coco/train data.val_shards=/data/coco/val
+
+The ViTDet / MAE COCO protocol, reduced, on the trainers' machinery (recipes, mixed precision, checkpoints and
+resume, signals, non-finite guard, DDP): the tower's pyramid through an FPN into torchvision's Faster R-CNN
+(``eval/detector.py``), AdamW with layer-wise LR decay (FPN and heads at the full LR), warm-up and cosine decay per
+update, large-scale jitter and flip. COCO box AP, AP50, AP75 (pycocotools) on ``data.val_shards`` (each image once
+across processes) every ``train.eval_every`` epochs and at the end, appended to ``<output_dir>/metrics.jsonl``. The
+fine-tuned weights are saved to ``<output_dir>/model/model.safetensors`` with the recipe that rebuilds the model.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch import nn
+
+from eval.accuracy import eval_mode
+from eval.box_map import detection_scores
+from eval.detector import Detector
+from eval.finetune import create_classifier, model_name
+from eval.tuning import append_metrics, build_schedule, fit, require_whole_weights
+from pretrain.atomic import atomic_directory
+from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.data import read_dataset_info
+from pretrain.data.detection import build_detection_loader
+from pretrain.guards import NonFiniteGuard
+from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.schema import DataSection, FinetuneOptimSection, FinetuneTrainSection
+from pretrain.tracking import Tracker, build_accelerator
+
+
+@dataclass
+class DetectModelSection:
+    encoder: str = ""
+    """An exported tower folder (``config.json`` + ``model.safetensors``) or an architecture name (random init)."""
+    num_classes: int | None = None
+    """Object classes, background not counted; None: the ``class_names`` of data.train_shards' ``dataset.json``."""
+    image_size: int = 1024
+    """Images are resized to fit this square and padded to it; the tower is built at this input size."""
+    fpn_dim: int = 256
+    box_head_dim: int = 1024
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    """One anchor size (pixels) per FPN level, strides 4, 8, 16, 32, 64; ratios 0.5, 1, 2."""
+    detections_per_image: int = 100
+    proposals: int = 1000
+    """RPN proposals kept per image at test time (twice as many in training)."""
+    rois_per_image: int = 512
+    """Proposals sampled per training image for the RoI heads' losses."""
+    drop_path_rate: float = 0.1
+    layer_decay: float = 0.7
+
+
+@dataclass
+class DetectAugmentSection:
+    scale: tuple[float, float] = (0.1, 2.0)
+    """Large-scale jitter: range of the resize factor relative to model.image_size before the square crop."""
+
+
+@dataclass
+class DetectOptimSection(FinetuneOptimSection):
+    """ViTDet's COCO settings: AdamW (0.9, 0.999), LR 1e-4 for 64 images per update, weight decay 0.1."""
+    lr: float | None = 1e-4
+    weight_decay: float = 0.1
+    epochs: int = 100
+    warmup_epochs: int = 0
+    warmup_steps: int | None = 250
+    min_lr: float = 0.0
+
+
+@dataclass
+class DetectRecipe:
+    model: DetectModelSection = field(default_factory=DetectModelSection)
+    augment: DetectAugmentSection = field(default_factory=DetectAugmentSection)
+    data: DataSection = field(default_factory=lambda: DataSection(resampled=False))
+    optim: DetectOptimSection = field(default_factory=DetectOptimSection)
+    train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
+
+
+def create_detector(model: DetectModelSection, num_classes: int) -> Detector:
+    tower = create_classifier(model.encoder, 0, model.image_size, model.drop_path_rate)
+    return Detector(tower, num_classes, model.image_size, model.fpn_dim, model.box_head_dim,
+                    tuple(model.anchor_sizes), model.detections_per_image, model.proposals, model.rois_per_image)
+
+
+def check_labels(targets: list[dict], keys: list[str], num_classes: int, shards: str) -> None:
+    for target, key in zip(targets, keys):
+        outside = target["labels"][(target["labels"] < 0) | (target["labels"] >= num_classes)]
+        if len(outside):
+            raise ValueError(f"sample {key} in {shards} holds label {int(outside[0])}, outside the model's "
+                             f"{num_classes} classes: set model.num_classes or fix the shards")
+
+
+def save_detector(accelerator: Accelerator, model: nn.Module, recipe: DetectRecipe, num_classes: int,
+                  out_dir: Path) -> None:
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        with atomic_directory(out_dir) as staging:
+            save_file({key: value.detach().float().cpu().contiguous() for key, value in state_dict.items()},
+                      str(staging / "model.safetensors"))
+            save_recipe(recipe, staging / "recipe.yaml")
+        accelerator.print(f"saved the detector ({num_classes} classes) to {out_dir}")
+    accelerator.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = trainer_arguments(argv, __doc__, "detector", "model")
+    recipe = load_recipe(args.recipe, DetectRecipe, args.overrides)
+    if not recipe.model.encoder:
+        raise ValueError("model.encoder is empty: name an exported tower folder or an architecture")
+    if not recipe.data.train_shards:
+        raise ValueError("data.train_shards is empty: detection needs image + boxes training shards")
+    info = read_dataset_info(recipe.data.train_shards)
+    num_classes = recipe.model.num_classes or len(info.get("class_names") or [])
+    if not num_classes:
+        raise ValueError(f"the dataset.json of {recipe.data.train_shards} records no class_names: set "
+                         "model.num_classes")
+    run_dir = Path(recipe.train.output_dir)
+    accelerator = build_accelerator(recipe, run_dir)
+    set_seed(recipe.train.seed, device_specific=True)
+
+    model = create_detector(recipe.model, num_classes)
+    if recipe.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    size = recipe.model.image_size
+    shared = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
+                  num_workers=recipe.data.num_workers)
+    loader = build_detection_loader(recipe.data.train_shards, True, recipe.optim.batch_size, size,
+                                    scale=tuple(recipe.augment.scale), resampled=recipe.data.resampled,
+                                    samples_per_epoch=recipe.data.samples_per_epoch if recipe.data.resampled
+                                    else None, seed=recipe.train.seed, shuffle_buffer=recipe.data.shuffle_buffer,
+                                    max_bad_fraction=recipe.data.max_bad_fraction, **shared)
+    val_loader = None
+    if recipe.data.val_shards:
+        val_loader = build_detection_loader(recipe.data.val_shards, False, recipe.optim.batch_size, size, **shared)
+    schedule = build_schedule(recipe, model, loader, accelerator.num_processes, recipe.model.layer_decay)
+    model, schedule.optimizer = accelerator.prepare(model, schedule.optimizer)
+    require_whole_weights(accelerator, val_loader is not None)
+    input_dtype = next(model.parameters()).dtype  # DeepSpeed's bf16 mode holds (and expects) bf16 inputs
+    state = TrainState()
+    guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
+    for stateful in (state, loader, schedule.scheduler, guard):
+        accelerator.register_for_checkpointing(stateful)
+    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
+    export_dir = Path(args.export_to or run_dir / "model")
+    if args.export_from:
+        checkpoints.resume(args.export_from)
+        save_detector(accelerator, model, recipe, num_classes, export_dir)
+        return None
+
+    def loss_of(batch) -> tuple[torch.Tensor, int]:
+        images, targets, keys = batch
+        check_labels(targets, keys, num_classes, recipe.data.train_shards)
+        images = [image.to(accelerator.device, dtype=input_dtype, non_blocking=True) for image in images]
+        # torchvision's labels count background as 0
+        targets = [{"boxes": target["boxes"].to(accelerator.device), "labels": target["labels"].to(
+            accelerator.device) + 1} for target in targets]
+        with accelerator.autocast():
+            losses = model(images, targets)
+        return sum(loss.float() for loss in losses.values()), len(images)
+
+    def evaluate() -> dict:
+        unwrapped = accelerator.unwrap_model(model)
+        with eval_mode(unwrapped):
+            scores = detection_scores(lambda images: unwrapped([image.to(dtype=input_dtype) for image in images]),
+                                      val_loader, num_classes, accelerator.device, accelerator.autocast)
+        result = {"step": state.step, "epoch": loader.epoch, **scores}
+        accelerator.print(f"step {state.step}: box AP {result['ap']:.2f}, AP50 {result['ap50']:.2f}, AP75 "
+                          f"{result['ap75']:.2f} ({result['samples']} images)")
+        tracker.log({f"val/{name}": result[name] for name in ("ap", "ap50", "ap75")}, state.step)
+        append_metrics(accelerator, run_dir, result)
+        return result
+
+    checkpoints.resume(recipe.train.resume)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / "recipe.yaml")
+    tracker = Tracker(accelerator, run_dir, "detect", recipe_to_dict(recipe))
+    source = "random init" if not Path(recipe.model.encoder).is_dir() else recipe.model.encoder
+    accelerator.print(f"detection fine-tuning of {model_name(accelerator, model)} ({source}) for {num_classes} "
+                      f"classes at {size}px: {schedule.total_updates} updates, global batch {schedule.global_batch}, "
+                      f"lr {schedule.lr:.3g}, {accelerator.num_processes} processes")
+    if not fit(accelerator, recipe, model, schedule, loader, state, guard, checkpoints, tracker, loss_of,
+               evaluate if val_loader is not None else None, "detect"):
+        return None
+    result = evaluate() if val_loader is not None else None
+    save_detector(accelerator, model, recipe, num_classes, export_dir)
+    tracker.close()
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
