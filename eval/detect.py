@@ -19,17 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
-from torch import nn
 
 from eval.accuracy import eval_mode
 from eval.box_map import detection_scores
 from eval.detector import Detector
 from eval.finetune import create_classifier, model_name
-from eval.tuning import append_metrics, build_schedule, fit, require_whole_weights
-from pretrain.atomic import atomic_directory
+from eval.tuning import append_metrics, build_schedule, fit, require_whole_weights, save_with_recipe
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import read_dataset_info
 from pretrain.data.detection import build_detection_loader
@@ -100,18 +96,6 @@ def check_labels(targets: list[dict], keys: list[str], num_classes: int, shards:
                              f"{num_classes} classes: set model.num_classes or fix the shards")
 
 
-def save_detector(accelerator: Accelerator, model: nn.Module, recipe: DetectRecipe, num_classes: int,
-                  out_dir: Path) -> None:
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        with atomic_directory(out_dir) as staging:
-            save_file({key: value.detach().float().cpu().contiguous() for key, value in state_dict.items()},
-                      str(staging / "model.safetensors"))
-            save_recipe(recipe, staging / "recipe.yaml")
-        accelerator.print(f"saved the detector ({num_classes} classes) to {out_dir}")
-    accelerator.wait_for_everyone()
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     args = trainer_arguments(argv, __doc__, "detector", "model")
     recipe = load_recipe(args.recipe, DetectRecipe, args.overrides)
@@ -154,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     export_dir = Path(args.export_to or run_dir / "model")
     if args.export_from:
         checkpoints.resume(args.export_from)
-        save_detector(accelerator, model, recipe, num_classes, export_dir)
+        save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir)
         return None
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
@@ -193,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                evaluate if val_loader is not None else None, "detect"):
         return None
     result = evaluate() if val_loader is not None else None
-    save_detector(accelerator, model, recipe, num_classes, export_dir)
+    save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir)
     tracker.close()
     return result
 

@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from safetensors.torch import save_file
 from torch import nn
 
-from pretrain.atomic import write_atomically
+from pretrain.atomic import atomic_directory, write_atomically
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import ShardLoader
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.recipe import save_recipe
 from pretrain.tracking import Throughput, Tracker, progress_bar
 
 
@@ -123,3 +125,17 @@ def fit(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, 
                     break
     bar.close()
     return True
+
+
+def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, description: str,
+                     out_dir: Path) -> None:
+    """The whole fine-tuned model (``model.safetensors``, fp32) and the recipe that rebuilds it, written atomically
+    to ``out_dir`` by the main process."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        with atomic_directory(out_dir) as staging:
+            save_file({key: value.detach().float().cpu().contiguous() for key, value in state_dict.items()},
+                      str(staging / "model.safetensors"))
+            save_recipe(recipe, staging / "recipe.yaml")
+        accelerator.print(f"saved {description} to {out_dir}")
+    accelerator.wait_for_everyone()
