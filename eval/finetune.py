@@ -28,7 +28,7 @@ from torch import nn
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval.accuracy import eval_mode, topk_accuracy
-from eval.tuning import append_metrics, build_schedule, fit, require_whole_weights
+from eval.tuning import append_metrics, build_schedule, class_count, fit, require_whole_weights, training_stream_options
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import build_loader, read_dataset_info
 from pretrain.export import export_timm
@@ -122,10 +122,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     set_seed(recipe.train.seed, device_specific=True)
 
     class_names = recorded_class_names(recipe.data.train_shards)
-    num_classes = recipe.model.num_classes or len(class_names or [])
-    if not num_classes:
-        raise ValueError(f"the dataset.json of {recipe.data.train_shards} records no class_names: "
-                         "set model.num_classes")
+    num_classes = class_count(recipe, class_names)
     if class_names is not None and len(class_names) != num_classes:
         class_names = None  # a head of another size than the recorded classes: export it without label names
     model = create_classifier(recipe.model.encoder, num_classes, recipe.model.img_size, recipe.model.drop_path_rate)
@@ -139,10 +136,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                          f"{recipe.optim.batch_size}")
     loader = build_loader(recipe.data.train_shards, "classify", recipe.optim.batch_size, image_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
-                          num_workers=recipe.data.num_workers, resampled=recipe.data.resampled,
-                          samples_per_epoch=recipe.data.samples_per_epoch if recipe.data.resampled else None,
-                          seed=recipe.train.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                          mean=data_cfg["mean"], std=data_cfg["std"], max_bad_fraction=recipe.data.max_bad_fraction,
+                          num_workers=recipe.data.num_workers, mean=data_cfg["mean"], std=data_cfg["std"],
+                          **training_stream_options(recipe),
                           augment=dict(auto_augment=augment.auto_augment, color_jitter=augment.color_jitter,
                                        re_prob=augment.re_prob, scale=tuple(augment.scale)))
     val_loader = None

@@ -27,7 +27,15 @@ from eval.accuracy import eval_mode
 from eval.finetune import create_classifier, model_name
 from eval.miou import segmentation_scores
 from eval.segmenter import Segmenter
-from eval.tuning import append_metrics, build_schedule, fit, require_whole_weights, save_with_recipe
+from eval.tuning import (
+    append_metrics,
+    build_schedule,
+    class_count,
+    fit,
+    require_whole_weights,
+    save_with_recipe,
+    training_stream_options,
+)
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import read_dataset_info
 from pretrain.data.segmentation import IGNORE_INDEX, build_segmentation_loader
@@ -98,11 +106,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise ValueError("model.encoder is empty: name an exported tower folder or an architecture")
     if not recipe.data.train_shards:
         raise ValueError("data.train_shards is empty: segmentation needs image + mask training shards")
-    info = read_dataset_info(recipe.data.train_shards)
-    num_classes = recipe.model.num_classes or len(info.get("class_names") or [])
-    if not num_classes:
-        raise ValueError(f"the dataset.json of {recipe.data.train_shards} records no class_names: set "
-                         "model.num_classes")
+    num_classes = class_count(recipe, read_dataset_info(recipe.data.train_shards).get("class_names"))
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed, device_specific=True)
@@ -114,10 +118,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     shared = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                   num_workers=recipe.data.num_workers, mean=cfg["mean"], std=cfg["std"])
     loader = build_segmentation_loader(recipe.data.train_shards, True, recipe.optim.batch_size, crop,
-                                       scale=tuple(recipe.augment.scale), resampled=recipe.data.resampled,
-                                       samples_per_epoch=recipe.data.samples_per_epoch if recipe.data.resampled
-                                       else None, seed=recipe.train.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                                       max_bad_fraction=recipe.data.max_bad_fraction, **shared)
+                                       scale=tuple(recipe.augment.scale),
+                                       **training_stream_options(recipe), **shared)
     val_loader = None
     if recipe.data.val_shards:
         val_loader = build_segmentation_loader(recipe.data.val_shards, False, recipe.optim.batch_size, crop, **shared)

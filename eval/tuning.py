@@ -139,3 +139,19 @@ def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, descrip
             save_recipe(recipe, staging / "recipe.yaml")
         accelerator.print(f"saved {description} to {out_dir}")
     accelerator.wait_for_everyone()
+
+
+def class_count(recipe, class_names: list | None) -> int:
+    """``model.num_classes``, else the number of ``class_names`` recorded with the training shards."""
+    num_classes = recipe.model.num_classes or len(class_names or [])
+    if not num_classes:
+        raise ValueError(f"the dataset.json of {recipe.data.train_shards} records no class_names: set "
+                         "model.num_classes")
+    return num_classes
+
+
+def training_stream_options(recipe) -> dict:
+    """The training loader's options from ``recipe.data`` and the seed (``pretrain.data.build_loader``'s names)."""
+    data = recipe.data
+    return dict(resampled=data.resampled, samples_per_epoch=data.samples_per_epoch if data.resampled else None,
+                seed=recipe.train.seed, shuffle_buffer=data.shuffle_buffer, max_bad_fraction=data.max_bad_fraction)
