@@ -196,6 +196,22 @@ def test_timm_model_contract(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_feature_taps_in_training_draw_no_stochastic_depth_of_their_own(name):
+    one_block_stages = dict(depths=(1, 1, 1, 1)) if name == "vig_h_tiny" else {}
+    model = timm.create_model(name, num_classes=0, drop_path_rate=0.5, **one_block_stages).train()
+    images = torch.randn(4, 3, 64, 64)
+    # The first block's output is never dropped (stochastic depth rises from 0), so its tap is the same whatever
+    # the random state; taps must not consume random numbers, so the last output matches forward_features.
+    first = [model.forward_intermediates(images, indices=[0], norm=True, intermediates_only=True)[0]
+             for _ in range(2)]
+    assert torch.equal(*first)
+    torch.manual_seed(1)
+    final, _ = model.forward_intermediates(images, indices=[0, 1], norm=True)
+    torch.manual_seed(1)
+    assert torch.equal(final, model.forward_features(images))
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_gradient_checkpointing_gives_the_same_gradients(name):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=4)

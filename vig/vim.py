@@ -307,17 +307,27 @@ class Vim(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         hidden, grid = self.embed(x)
         middle = grid[0] * grid[1] // 2
-        layers = self.layers[:max_index + 1] if stop_early else self.layers
+        last = len(self.layers) - 1
+        # Layer i's output joins the residual stream inside layer i + 1, through that layer's stochastic depth, so
+        # the tap after layer i is the stream layer i + 1 returns: the same sample the network trains with.
+        stop = min(max_index + 1, last) if stop_early else last
         residual, intermediates = None, []
-        for i, layer in enumerate(layers):
+
+        def tap(stream):
+            y = self.norm_f(stream.to(self.norm_f.weight.dtype)) if norm else stream
+            y = torch.cat([y[:, :middle], y[:, middle + 1:]], dim=1).to(hidden.dtype)
+            intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == "NCHW" else y)
+
+        for i, layer in enumerate(self.layers[:stop + 1]):
             hidden, residual = self.run_layer(layer, hidden, residual)
-            if i in take_indices:
-                y = self.final_norm(hidden, residual) if norm else residual + fp32_or_wider(hidden)
-                y = torch.cat([y[:, :middle], y[:, middle + 1:]], dim=1).to(hidden.dtype)
-                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == "NCHW" else y)
+            if i - 1 in take_indices:
+                tap(residual)
+        stream = residual + fp32_or_wider(self.drop_path(hidden)) if stop == last else residual
+        if stop == last and last in take_indices:
+            tap(stream)
         if intermediates_only:
             return intermediates
-        return self.final_norm(hidden, residual), intermediates
+        return self.norm_f(stream.to(self.norm_f.weight.dtype)), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
