@@ -173,15 +173,17 @@ def main():
             values.update({f"{prefix}_{axis}": stride for axis, stride in v_strides.items()})
         return values
 
-    fwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, O=data, STASH=stash, SUF=gate, HF=gate,
-                        HB=gate, GTF=gate, GTB=gate, SYNC="*i32")
+    # GSUM is the gate-sum workspace of the benchmarks/results/bigla_*gate_sums* and *reverse_sums* candidate patches;
+    # pointers a kernel does not take are ignored
+    fwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, O=data, STASH=stash, GSUM=gate, SUF=gate,
+                        HF=gate, HB=gate, GTF=gate, GTB=gate, SYNC="*i32")
     compiled = compile_kernel(fused._fwd_kernel, fwd_pointers, integers(("sq", "sk", "sf", "sg"), ("sv", "so")),
                               ("qscale",), forward, fused.FWD_WARPS, args.fwd_max_registers)
     report("forward", compiled, args.lines)
 
     bwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, DO=data, DQ=data, DK=data, DVp=data,
-                        DGF=gate, DGB=gate, STASH=stash, SUF=gate, HF=gate, HB=gate, DSF=gate, DSB=gate, GTF=gate,
-                        GTB=gate, SYNC="*i32")
+                        DGF=gate, DGB=gate, STASH=stash, GSUM=gate, SUF=gate, HF=gate, HB=gate, DSF=gate, DSB=gate,
+                        GTF=gate, GTB=gate, SYNC="*i32")
     bwd_integers = integers(("sq", "sk", "sf", "sg", "sdq", "sdk", "sdf", "sdg"), ("sv", "sd", "sdv"),
                             extra=("part_stride",))
     compiled = compile_kernel(fused._bwd_kernel, bwd_pointers, bwd_integers, ("qscale",),
