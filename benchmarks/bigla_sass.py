@@ -173,7 +173,7 @@ def main():
             values.update({f"{prefix}_{axis}": stride for axis, stride in v_strides.items()})
         return values
 
-    # GSUM is the gate-sum workspace of the benchmarks/results/bigla_*gate_sums* and *reverse_sums* candidate patches;
+    # GSUM is the gate-sum workspace of benchmarks/results/bigla_gate_sums_from_pass1_candidate.patch;
     # pointers a kernel does not take are ignored
     fwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, O=data, STASH=stash, GSUM=gate, SUF=gate,
                         HF=gate, HB=gate, GTF=gate, GTB=gate, SYNC="*i32")
