@@ -281,7 +281,10 @@ class Vim(nn.Module):
         return layer(hidden, residual)
 
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.norm_f((residual + fp32_or_wider(self.drop_path(hidden))).to(self.norm_f.weight.dtype))
+        return self.norm_stream(residual + fp32_or_wider(self.drop_path(hidden)))
+
+    def norm_stream(self, stream: torch.Tensor) -> torch.Tensor:
+        return self.norm_f(stream.to(self.norm_f.weight.dtype))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens ``[B, M + 1, D]`` with the class token at index ``M // 2``."""
@@ -308,26 +311,27 @@ class Vim(nn.Module):
         hidden, grid = self.embed(x)
         middle = grid[0] * grid[1] // 2
         last = len(self.layers) - 1
-        # Layer i's output joins the residual stream inside layer i + 1, through that layer's stochastic depth, so
-        # the tap after layer i is the stream layer i + 1 returns: the same sample the network trains with.
-        stop = min(max_index + 1, last) if stop_early else last
+        stop = max_index if stop_early else last
         residual, intermediates = None, []
 
         def tap(stream):
-            y = self.norm_f(stream.to(self.norm_f.weight.dtype)) if norm else stream
+            y = self.norm_stream(stream) if norm else stream
             y = torch.cat([y[:, :middle], y[:, middle + 1:]], dim=1).to(hidden.dtype)
             intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, *grid) if output_fmt == "NCHW" else y)
 
+        # Layer i's output joins the residual stream inside layer i + 1, through that layer's stochastic depth, so
+        # the tap after layer i is the stream layer i + 1 returns: the sample the network trains with.
         for i, layer in enumerate(self.layers[:stop + 1]):
             hidden, residual = self.run_layer(layer, hidden, residual)
             if i - 1 in take_indices:
                 tap(residual)
-        stream = residual + fp32_or_wider(self.drop_path(hidden)) if stop == last else residual
-        if stop == last and last in take_indices:
+        following_drop_path = self.layers[stop + 1].drop_path if stop < last else self.drop_path
+        stream = residual + fp32_or_wider(following_drop_path(hidden))
+        if stop in take_indices:
             tap(stream)
         if intermediates_only:
             return intermediates
-        return self.norm_f(stream.to(self.norm_f.weight.dtype)), intermediates
+        return self.norm_stream(stream), intermediates
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
