@@ -28,11 +28,9 @@ from torch import nn
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval.accuracy import eval_mode, topk_accuracy
-from eval.tuning import append_metrics, build_schedule, class_count, fit, require_whole_weights, training_stream_options
-from pretrain.checkpoints import CheckpointManager, TrainState
+from eval.tuning import append_metrics, build_schedule, class_count, fit, prepare_training, training_stream_options
 from pretrain.data import build_loader, read_dataset_info
 from pretrain.export import export_timm
-from pretrain.guards import NonFiniteGuard
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import AugmentSection, FinetuneRecipe
 from pretrain.tracking import Tracker, build_accelerator
@@ -148,15 +146,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                                   crop_pct=data_cfg.get("crop_pct", 0.875))
 
     schedule = build_schedule(recipe, model, loader, accelerator.num_processes, recipe.model.layer_decay)
-    model, schedule.optimizer = accelerator.prepare(model, schedule.optimizer)
-    require_whole_weights(accelerator, val_loader is not None)
+    model, state, guard, checkpoints = prepare_training(accelerator, recipe, model, schedule, loader, run_dir,
+                                                        val_loader is not None)
     # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.
     input_dtype = next(model.parameters()).dtype
-    state = TrainState()
-    guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
-    for stateful in (state, loader, schedule.scheduler, guard):
-        accelerator.register_for_checkpointing(stateful)
-    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
     export_dir = Path(args.export_to or run_dir / "model")
 
     if args.export_from:

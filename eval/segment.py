@@ -32,14 +32,12 @@ from eval.tuning import (
     build_schedule,
     class_count,
     fit,
-    require_whole_weights,
+    prepare_training,
     save_with_recipe,
     training_stream_options,
 )
-from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import read_dataset_info
 from pretrain.data.segmentation import IGNORE_INDEX, build_segmentation_loader
-from pretrain.guards import NonFiniteGuard
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import DataSection, FinetuneOptimSection, FinetuneTrainSection
 from pretrain.tracking import Tracker, build_accelerator
@@ -124,14 +122,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     if recipe.data.val_shards:
         val_loader = build_segmentation_loader(recipe.data.val_shards, False, recipe.optim.batch_size, crop, **shared)
     schedule = build_schedule(recipe, model, loader, accelerator.num_processes, recipe.model.layer_decay)
-    model, schedule.optimizer = accelerator.prepare(model, schedule.optimizer)
-    require_whole_weights(accelerator, val_loader is not None)
+    model, state, guard, checkpoints = prepare_training(accelerator, recipe, model, schedule, loader, run_dir,
+                                                        val_loader is not None)
     input_dtype = next(model.parameters()).dtype  # DeepSpeed's bf16 mode holds (and expects) bf16 inputs
-    state = TrainState()
-    guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
-    for stateful in (state, loader, schedule.scheduler, guard):
-        accelerator.register_for_checkpointing(stateful)
-    checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
     export_dir = Path(args.export_to or run_dir / "model")
     if args.export_from:
         checkpoints.resume(args.export_from)

@@ -1,4 +1,5 @@
-"""The fine-tuning loop shared by classification (``finetune.py``) and segmentation (``segment.py``): optimizer
+"""The fine-tuning loop shared by classification, segmentation and detection (``finetune.py``, ``segment.py``,
+``detect.py``): optimizer
 and schedule, updates with accumulation, the non-finite guard and gradient clipping, logging, periodic evaluation,
 checkpoints and stopping on a signal."""
 from __future__ import annotations
@@ -47,11 +48,22 @@ def build_schedule(recipe, model: nn.Module, loader: ShardLoader, num_processes:
     return Schedule(optimizer, scheduler, lr, updates_per_epoch, total_updates, global_batch)
 
 
-def require_whole_weights(accelerator: Accelerator, evaluating: bool) -> None:
+def prepare_training(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, loader: ShardLoader,
+                     run_dir: Path, evaluating: bool
+                     ) -> tuple[nn.Module, TrainState, NonFiniteGuard, CheckpointManager]:
+    """The prepared model (``schedule.optimizer`` prepared in place), the progress counters and non-finite guard,
+    registered with the loader and scheduler for checkpointing (in the order resumed checkpoints expect), and the
+    run's checkpoint manager."""
+    model, schedule.optimizer = accelerator.prepare(model, schedule.optimizer)
     if evaluating and accelerator.distributed_type == DistributedType.DEEPSPEED \
             and accelerator.state.deepspeed_plugin.zero_stage == 3:
         raise ValueError("evaluation during fine-tuning needs whole weights on every process; with ZeRO-3 leave "
                          "data.val_shards empty and evaluate the exported model")
+    state = TrainState()
+    guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
+    for stateful in (state, loader, schedule.scheduler, guard):
+        accelerator.register_for_checkpointing(stateful)
+    return model, state, guard, CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
 
 
 def append_metrics(accelerator: Accelerator, run_dir: Path, result: dict) -> None:
