@@ -9,8 +9,9 @@ Each other version is loaded as a separate module (its torch.library namespace r
 kernels compile side by side and every row compares like with like: graph replay as in the main table
 (``bigla.bench_graph``), L2 flushed, fwd+bwd and forward medians, ``--runs`` alternating runs each. With
 ``--patch`` the working tree is A and each patched version B, C, ...; with ``--base`` the working tree is B.
-Prints a markdown table (heads, tokens, batch) per shape, with each version's largest RMS ratio against A over o
-and the five gradients on one input set (0 or rounding noise for a change of schedule only).
+Prints a markdown table (heads, tokens, batch) per shape, with each version's fwd+bwd peak memory (as in the main
+table) and its largest RMS ratio against A over o and the five gradients on one input set (0 or rounding noise
+for a change of schedule only).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bigla import bench_graph, make_gla_inputs, rms_ratio  # noqa: E402
+from bigla import bench_graph, make_gla_inputs, peak_mib, rms_ratio  # noqa: E402
 
 from vig_kernels.bigla import fused  # noqa: E402
 
@@ -99,11 +100,13 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {label}; graph replay, µs, "
           f"{args.runs} alternating runs (median of each run's do_bench)")
     print("| heads | tokens | batch | fwd A | " + " | ".join(f"fwd {n}" for n in others) + " | fwd+bwd A | "
-          + " | ".join(f"fwd+bwd {n} | {n}/A | {n} vs A (RMS ratio)" for n in others) + " |")
-    print("|---" * (5 + 4 * len(others)) + "|")
+          + " | ".join(f"fwd+bwd {n} | {n}/A | {n} vs A (RMS ratio)" for n in others) + " | peak A (MiB) | "
+          + " | ".join(f"peak {n}" for n in others) + " |")
+    print("|---" * (6 + 5 * len(others)) + "|")
     for heads, tokens, batch in shapes:
         make = lambda grad, b=batch, t=tokens, h=heads: make_gla_inputs(b, t, h, "cuda", grad)  # noqa: E731
         differs = disagreement(versions, make)
+        peaks = {name: peak_mib(lambda *xs, m=module: m.bigla_triton(*xs), make) for name, module in versions.items()}
         times = {name: {"fwd": [], "fb": []} for name in versions}
         for _ in range(args.runs):
             for name, module in versions.items():
@@ -114,7 +117,8 @@ def main():
         print(f"| {heads} | {tokens} | {batch} | {mean['A']['fwd']:.1f} | "
               + " | ".join(f"{mean[n]['fwd']:.1f}" for n in others) + f" | {mean['A']['fb']:.1f} | "
               + " | ".join(f"{mean[n]['fb']:.1f} | {mean[n]['fb'] / mean['A']['fb']:.3f} | {differs[n]:.1e}"
-                           for n in others) + " |",
+                           for n in others) + f" | {peaks['A']:.1f} | "
+              + " | ".join(f"{peaks[n]:.1f}" for n in others) + " |",
               flush=True)
 
 
