@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vig_kernels.bigla import fused  # noqa: E402
+import vig_kernels  # noqa: E402
+from vig_kernels.bigla import bigla, fused  # noqa: E402
 from vig_kernels.bigla.fused import GATE_MIN, bigla_triton  # noqa: E402
 from vig_kernels.bigla.reference import bigla_reference  # noqa: E402
 
@@ -129,7 +130,8 @@ CASES = {
 
 def compile_cases():
     """The op as torch.library sees it: opcheck's schema, fake-tensor, autograd-registration and AOT-dispatch
-    tests, and torch.compile(fullgraph=True) matching eager, for a one-segment and a segmented plan."""
+    tests, and torch.compile(fullgraph=True) matching eager, for a one-segment plan (through the public,
+    dispatching ``bigla``) and a segmented one."""
     ok = True
     for segments in (0, 3):
         gen = torch.Generator().manual_seed(segments)
@@ -141,7 +143,10 @@ def compile_cases():
         failed = {name: result for name, result in report.items() if result != "SUCCESS"}
 
         def loss(*leaves):
-            return (bigla_triton(*leaves, scale=0.25, segments=segments or None) ** 2).sum()
+            if segments:
+                return (bigla_triton(*leaves, scale=0.25, segments=segments) ** 2).sum()
+            with vig_kernels.use_backend("triton"):  # the public op, as the models call it
+                return (bigla(*leaves, scale=0.25) ** 2).sum()
 
         leaves = (q, k, v, g_f, g_b)
         eager = torch.autograd.grad(loss(*leaves), leaves)

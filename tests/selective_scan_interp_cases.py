@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import vig_kernels  # noqa: E402
-from vig_kernels.selective_scan import bi_selective_scan_reference  # noqa: E402
+from vig_kernels.selective_scan import bi_selective_scan, bi_selective_scan_reference  # noqa: E402
 from vig_kernels.selective_scan.fused import bi_selective_scan_triton  # noqa: E402
 
 NAMES = ("y", "du", "ddelta", "dA", "dB", "dC", "dD")
@@ -140,14 +140,15 @@ def mixer_case():
 
 def compile_case():
     """The op as torch.library sees it (opcheck: schema, fake tensors, autograd registration, AOT dispatch),
-    and torch.compile(fullgraph=True) matching eager."""
+    and torch.compile(fullgraph=True) of the public, dispatching op matching eager."""
     (u, delta, A, B, C, D), _ = make_inputs(2, 19, 12, 4, "trained", seed=3)
     leaves = tuple(x.requires_grad_() for x in (u, delta, A, B, C, D))
     checks = torch.library.opcheck(torch.ops.vig_kernels.bi_selective_scan_fwd.default, leaves)
     failed = {name: result for name, result in checks.items() if result != "SUCCESS"}
 
     def loss(*xs):
-        return (bi_selective_scan_triton(*xs) ** 2).sum()
+        with vig_kernels.use_backend("triton"):  # the public op, as the models call it
+            return (bi_selective_scan(*xs) ** 2).sum()
 
     eager = torch.autograd.grad(loss(*leaves), leaves)
     torch._dynamo.reset()
