@@ -173,8 +173,7 @@ def main():
             values.update({f"{prefix}_{axis}": stride for axis, stride in v_strides.items()})
         return values
 
-    # GSUM is the gate-sum workspace of benchmarks/results/bigla_gate_sums_from_pass1_candidate.patch;
-    # pointers a kernel does not take are ignored
+    # pointers a kernel does not take are ignored (some candidate patches add or drop one)
     fwd_pointers = dict(Q=data, Kp=data, V=data, GF=gate, GB=gate, O=data, STASH=stash, GSUM=gate, SUF=gate,
                         HF=gate, HB=gate, GTF=gate, GTB=gate, SYNC="*i32")
     compiled = compile_kernel(fused._fwd_kernel, fwd_pointers, integers(("sq", "sk", "sf", "sg"), ("sv", "so")),

@@ -50,10 +50,10 @@ FWD_WARPS = 4
 BWD_WARPS = 4
 VALUE_BLOCK = None  # value channels per program (None: min(V, 4096 // K))
 NUM_STAGES = None  # software-pipelining depth of the chunk loops (None: Triton's default)
-FWD_MAX_REGISTERS = None  # register cap per thread (ptxas maxnreg; None: the compiler's choice)
+FWD_MAX_REGISTERS = 128  # 4 programs per SM (programs of two segments take 152 registers uncapped)
 BWD_MAX_REGISTERS = 168  # 3 backward programs per SM instead of 2, where that turns two waves into one
 BWD_PROGRAMS_PER_SM = 2  # what 255 registers per thread and 4 warps allow (3 under the register cap)
-FWD_PROGRAMS_PER_SM = 4  # what the forward's 121 registers per thread and 4 warps allow
+FWD_PROGRAMS_PER_SM = 4  # what the forward's register cap (128 per thread) and 4 warps allow
 FWD_SEGMENTS_PER_PROGRAM = None  # consecutive segments one forward program owns (None: the plan's choice)
 MAX_SEGMENTS = 32
 SEGMENT_COST = 0.2  # chunk steps a program spends per segment of its sequence, in the plan's cost model
@@ -202,6 +202,15 @@ def _fold_in(st_ptr, suf_ptr, state, CPS: tl.constexpr, STEP: tl.constexpr, K: t
 
 
 @triton.jit
+def _store_gate_sums(gs_base, gs_off, gf_raw, gb_raw, BT: tl.constexpr, K: tl.constexpr):
+    """Chunk 0's inclusive gate sums, forward F and reverse R (log2 units), as pass 1 stores the others."""
+    gf2 = _clamp_gate(gf_raw)
+    gb2 = _clamp_gate(gb_raw)
+    tl.store(gs_base + gs_off, tl.cumsum(gf2, axis=0))
+    tl.store(gs_base + BT * K + gs_off, tl.sum(gb2, axis=0)[None, :] - tl.cumsum(gb2, axis=0) + gb2)
+
+
+@triton.jit
 def _store_summary(WS, GT, i_bh, i_s, i_v, h, gsum, NS: tl.constexpr, K: tl.constexpr, DV: tl.constexpr,
                    BV: tl.constexpr, STORE_GT: tl.constexpr):
     base = (i_bh * NS + i_s).to(tl.int64)
@@ -217,7 +226,7 @@ def _store_summary(WS, GT, i_bh, i_s, i_v, h, gsum, NS: tl.constexpr, K: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
+def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, GSUM, SUF, HF, HB, GTF, GTB, SYNC,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                 sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, so_b, so_t, so_h,
                 T, H, qscale,
@@ -234,6 +243,9 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
     gb_base = _seq_base(GB, i_b, i_h, sg_b, sg_h)
     o_base = _seq_base(O, i_b, i_h, so_b, so_h) + i_v * BV
     st_base = STASH + (slot * SUB * CPS).to(tl.int64) * (K * BV)
+    gs_base = GSUM + (slot * SUB * CPS).to(tl.int64) * (BT * K)
+    gs_off = _key_ptrs(0, tl.arange(0, BT), K, K)
+    gt_off = tl.arange(0, K // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     suf_base = SUF + (slot * SUB * CPS).to(tl.int64) * K
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
     rk = tl.arange(0, K)
@@ -261,8 +273,9 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
                 k = _load_keys(k_base, rows, rmask, sk_t, K)
                 v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
                 gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
-                R = tl.cumsum(gb2, axis=0, reverse=True)
                 Gb = tl.sum(gb2, axis=0)
+                R = Gb[None] - tl.cumsum(gb2, axis=0) + gb2
+                tl.store(gs_base + (seg * CPS + cc) * (BT * K) + gs_off, R)
                 kd = _flat(k * tl.exp2(Gb[None] - R), K).to(DOT)
                 s_b = s_b * tl.exp2(_channels(Gb, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
                 if NS > 1:
@@ -276,6 +289,10 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
                     tl.store(seg_st + (cc - 1) * (K * BV) + st_off, s_b.to(DOT), mask=(st_off >= 0) & (cc > 0))
                 else:  # unsplit, chunk 0 never comes: no mask on the hot path
                     tl.store(seg_st + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
+            if NS == 1:  # pass 1 stopped short of chunk 0; pass 2 still wants its reverse gate sums
+                rows = tl.arange(0, BT)
+                gb2 = _clamp_gate(_load_keys(gb_base, rows, rows < T, sg_t, K))
+                tl.store(gs_base + gs_off, tl.sum(gb2, axis=0)[None] - tl.cumsum(gb2, axis=0) + gb2)
             if NS > 1:
                 _store_summary(HF, GTF, i_bh, i_s, i_v, h_f, suf_f, NS, K, DV, BV, True)
                 _store_summary(HB, GTB, i_bh, i_s, i_v, s_b, suf_b, NS, K, DV, BV, True)
@@ -311,11 +328,10 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
             k = _load_keys(k_base, rows, rmask, sk_t, K)
             v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
             gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
-            gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
             F = tl.cumsum(gf2, axis=0)
-            R = tl.cumsum(gb2, axis=0, reverse=True)
+            R = tl.load(gs_base + cc * (BT * K) + gs_off)  # from pass 1; its first row is the chunk total
             Gf = tl.sum(gf2, axis=0)
-            Gb = tl.sum(gb2, axis=0)
+            Gb = tl.sum(tl.load(gs_base + cc * (BT * K) + gt_off[None]), axis=0)
             fm = 0.5 * Gf[None]  # the reference: half the chunk total (F, R lie in [G, 0])
             rm = 0.5 * Gb[None]
             qf = q * tl.exp2(F - fm)
@@ -344,7 +360,7 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
 
 
 @triton.jit
-def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB, DSF, DSB, GTF, GTB, SYNC,
+def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, GSUM, SUF, HF, HB, DSF, DSB, GTF, GTB, SYNC,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                 sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, sd_b, sd_t, sd_h,
                 sdq_b, sdq_t, sdq_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
@@ -367,8 +383,10 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
     dgf_base = _seq_base(DGF, i_b, i_h, sdf_b, sdf_h) + part
     dgb_base = _seq_base(DGB, i_b, i_h, sdg_b, sdg_h) + part
     st_base = STASH + (slot * CPS * 2).to(tl.int64) * (K * BV)
+    gs_base = GSUM + (slot * CPS * 2).to(tl.int64) * (BT * K)
     suf_base = SUF + (slot * CPS).to(tl.int64) * K
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
+    gs_off = tl.arange(0, BT)[:, None] * K + tl.arange(0, K)[None, :]
     rk = tl.arange(0, K)
 
     if PHASE != 2:
@@ -400,8 +418,10 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
             gb2 = _clamp_gate(_load_rows(gb_base, rows, rmask, sg_t, K))
             F = tl.cumsum(gf2, axis=0)
             Gf = tl.sum(gf2, axis=0)
-            R = tl.cumsum(gb2, axis=0, reverse=True)
             Gb = tl.sum(gb2, axis=0)
+            R = Gb[None, :] - tl.cumsum(gb2, axis=0) + gb2
+            tl.store(gs_base + (cc * 2) * (BT * K) + gs_off, F)
+            tl.store(gs_base + (cc * 2 + 1) * (BT * K) + gs_off, R)
             kd = (k * tl.exp2(Gb[None, :] - R)).to(DOT)
             s_b = s_b * tl.exp2(Gb)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
             qd = (q * tl.exp2(F)).to(DOT)
@@ -418,6 +438,10 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
             else:  # unsplit, chunk 0 never comes: no mask on the hot path
                 tl.store(st_base + ((cc - 1) * 2) * (K * BV) + st_off, s_b.to(DOT))
                 tl.store(st_base + ((cc - 1) * 2 + 1) * (K * BV) + st_off, ds_f.to(DOT))
+        if NS == 1:  # pass 1 stopped short of chunk 0; pass 2 still wants its gate sums
+            rows = tl.arange(0, BT)
+            _store_gate_sums(gs_base, gs_off, _load_rows(gf_base, rows, rows < T, sf_t, K),
+                             _load_rows(gb_base, rows, rows < T, sg_t, K), BT, K)
         if NS > 1:
             _store_summary(DSF, GTF, i_bh, i_s, i_v, ds_f, suf_f, NS, K, DV, BV, False)
             _store_summary(DSB, GTB, i_bh, i_s, i_v, ds_b, suf_b, NS, K, DV, BV, False)
@@ -453,12 +477,13 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, SUF, HF, HB,
             do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
             gf_raw = _load_rows(gf_base, rows, rmask, sf_t, K)
             gb_raw = _load_rows(gb_base, rows, rmask, sg_t, K)
-            gf2 = _clamp_gate(gf_raw)
-            gb2 = _clamp_gate(gb_raw)
-            F = tl.cumsum(gf2, axis=0)
-            R = tl.cumsum(gb2, axis=0, reverse=True)
-            Gf = tl.sum(gf2, axis=0)
-            Gb = tl.sum(gb2, axis=0)
+            # The chunk's gate sums from pass 1. A padding row's gate is 0, so F's last row and R's first are the
+            # chunk totals; read as a [1, K] row summed over its one row, they get the layout of a row sum of the
+            # tile (loaded as [K] vectors they spilled).
+            F = tl.load(gs_base + (cc * 2) * (BT * K) + gs_off)
+            R = tl.load(gs_base + (cc * 2 + 1) * (BT * K) + gs_off)
+            Gf = tl.sum(tl.load(gs_base + (cc * 2) * (BT * K) + (BT - 1) * K + rk[None, :]), axis=0)
+            Gb = tl.sum(tl.load(gs_base + (cc * 2 + 1) * (BT * K) + rk[None, :]), axis=0)
             fm = 0.5 * Gf[None, :]
             rm = 0.5 * Gb[None, :]
             eqf = tl.exp2(F - fm)
@@ -735,10 +760,11 @@ def _forward(q, k, v, g_fwd, g_bwd, scale, plan):
     dot, prec, _ = _dot_types(q.dtype)
     o = torch.empty(batch, length, heads, value_dim, device=q.device, dtype=v.dtype)
     segments, stash, suffix, sync = _segment_buffers(q, v, plan, 1)
+    gate_sums = torch.empty(segments * cps * bt * key_dim, device=q.device, dtype=torch.float32)
     hf, hb, gtf, gtb = _summary_buffers(q, v, plan, True) if ns > 1 else (o,) * 4
     for phase in _phases(ns):
         _launch("fwd", _fwd_kernel, (segments // group,),
-            q, k, v, g_fwd, g_bwd, o, stash, suffix, hf, hb, gtf, gtb, sync,
+            q, k, v, g_fwd, g_bwd, o, stash, gate_sums, suffix, hf, hb, gtf, gtb, sync,
             *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(o),
             length, heads, 0.5 * scale,
             K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, SUB=group, DOT=dot, PREC=prec, PHASE=phase,
@@ -766,11 +792,12 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
         part_stride = dq.stride(0)
     dv = torch.empty_like(v)
     programs, stash, suffix, sync = _segment_buffers(q, v, plan, 2)
+    gate_sums = torch.empty(programs * cps * 2 * bt * key_dim, device=q.device, dtype=torch.float32)
     dqs, dks, dgfs, dgbs = (x[0] if nv > 1 else x for x in (dq, dk, dgf, dgb))
     capped = _cap_backward(programs, ns, q.device)
     for phase in _phases(ns):
         _launch("bwd", _bwd_kernel, (programs,),
-            q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, stash, suffix, hf, hb, dsf, dsb, gtf, gtb, sync,
+            q, k, v, g_fwd, g_bwd, do, dq, dk, dv, dgf, dgb, stash, gate_sums, suffix, hf, hb, dsf, dsb, gtf, gtb, sync,
             *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(do),
             *_strides(dqs), *_strides(dks), *_strides(dv), *_strides(dgfs), *_strides(dgbs), part_stride,
             length, heads, 0.5 * scale,
