@@ -8,7 +8,9 @@ and ``triton`` insists on the kernel (an error if it cannot run). The environmen
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+from types import ModuleType
 from typing import Iterator
 
 BACKENDS = ("auto", "triton", "reference")
@@ -43,3 +45,13 @@ def use_backend(name: str) -> Iterator[None]:
     finally:
         set_backend(previous)
 
+
+def import_fused(package: str) -> tuple[ModuleType | None, str | None]:
+    """An op's fused-kernel module (``<package>.fused``), or None and why it cannot be imported (no Triton).
+
+    Call it when the op's package is imported, not inside the op: torch.compile traces the op's dispatch, and
+    ``importlib`` inside a traced call breaks a ``fullgraph=True`` compile."""
+    try:
+        return importlib.import_module(f"{package}.fused"), None
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        return None, f"{type(exc).__name__}: {exc}"

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import get_backend
+from ..backend import get_backend, import_fused
 from .reference import bigla_reference
+
+_FUSED, _FUSED_IMPORT_ERROR = import_fused(__name__)
 
 
 def _check_inputs(q, k, v, g_fwd, g_bwd) -> None:
@@ -36,22 +38,11 @@ def _check_inputs(q, k, v, g_fwd, g_bwd) -> None:
         raise ValueError(f"bigla: v has shape {tuple(v.shape)}; its [B, T, H] must equal q's {tuple(q.shape[:3])}")
 
 
-def _fused():
-    """The fused-kernel module and None, or None and why it cannot be imported (no Triton). A relative import,
-    not importlib: torch.compile traces this call, and importlib breaks a fullgraph compile."""
-    try:
-        from . import fused
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        return None, f"{type(exc).__name__}: {exc}"
-    return fused, None
-
-
 def triton_unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:
     """Why the fused kernel would not run these inputs (None if it would)."""
-    module, error = _fused()
-    if module is None:
-        return f"the Triton kernel could not be imported ({error})"
-    return module.unsupported_reason(q, k, v, g_fwd, g_bwd)
+    if _FUSED is None:
+        return f"the Triton kernel could not be imported ({_FUSED_IMPORT_ERROR})"
+    return _FUSED.unsupported_reason(q, k, v, g_fwd, g_bwd)
 
 
 def bigla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor,
@@ -71,7 +62,7 @@ def bigla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor
         return bigla_reference(q, k, v, g_fwd, g_bwd, scale)
     reason = triton_unsupported_reason(q, k, v, g_fwd, g_bwd)
     if reason is None:
-        return _fused()[0].bigla_triton(q, k, v, g_fwd, g_bwd, scale)
+        return _FUSED.bigla_triton(q, k, v, g_fwd, g_bwd, scale)
     if backend == "triton":
         raise RuntimeError(f"bigla: the 'triton' backend cannot run these inputs: {reason}")
     return bigla_reference(q, k, v, g_fwd, g_bwd, scale)

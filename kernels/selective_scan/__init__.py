@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import get_backend
+from ..backend import get_backend, import_fused
 from .reference import bi_selective_scan_reference, selective_scan
+
+_FUSED, _FUSED_IMPORT_ERROR = import_fused(__name__)
 
 
 def _check_inputs(u, delta, A, B, C, D) -> None:
@@ -31,22 +33,11 @@ def _check_inputs(u, delta, A, B, C, D) -> None:
             raise TypeError(f"bi_selective_scan: {name} must be floating point, got {tensor.dtype}")
 
 
-def _fused():
-    """The fused-kernel module and None, or None and why it cannot be imported (no Triton). A relative import,
-    not importlib: torch.compile traces this call, and importlib breaks a fullgraph compile."""
-    try:
-        from . import fused
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        return None, f"{type(exc).__name__}: {exc}"
-    return fused, None
-
-
 def triton_unsupported_reason(u, delta, A, B, C, D) -> str | None:
     """Why the fused kernel would not run these inputs (None if it would)."""
-    module, error = _fused()
-    if module is None:
-        return f"the Triton kernel could not be imported ({error})"
-    return module.unsupported_reason(u, delta, A, B, C, D)
+    if _FUSED is None:
+        return f"the Triton kernel could not be imported ({_FUSED_IMPORT_ERROR})"
+    return _FUSED.unsupported_reason(u, delta, A, B, C, D)
 
 
 def bi_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -58,7 +49,7 @@ def bi_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
         return bi_selective_scan_reference(u, delta, A, B, C, D)
     reason = triton_unsupported_reason(u, delta, A, B, C, D)
     if reason is None:
-        return _fused()[0].bi_selective_scan_triton(u, delta, A, B, C, D)
+        return _FUSED.bi_selective_scan_triton(u, delta, A, B, C, D)
     if backend == "triton":
         raise RuntimeError(f"bi_selective_scan: the 'triton' backend cannot run these inputs: {reason}")
     return bi_selective_scan_reference(u, delta, A, B, C, D)
