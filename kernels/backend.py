@@ -47,11 +47,12 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def import_fused(package: str) -> tuple[ModuleType | None, str | None]:
-    """An op's fused-kernel module (``<package>.fused``), or None and why it cannot be imported (no Triton).
+    """An op's fused-kernel module (``<package>.fused``), or None and why it cannot be imported (no Triton, or
+    a broken install: the reference path must still import).
 
     Call it when the op's package is imported, not inside the op: torch.compile traces the op's dispatch, and
     ``importlib`` inside a traced call breaks a ``fullgraph=True`` compile."""
     try:
         return importlib.import_module(f"{package}.fused"), None
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except Exception as exc:  # pragma: no cover - depends on the environment
         return None, f"{type(exc).__name__}: {exc}"

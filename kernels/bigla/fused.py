@@ -203,7 +203,8 @@ def _fold_in(st_ptr, suf_ptr, state, CPS: tl.constexpr, STEP: tl.constexpr, K: t
 
 @triton.jit
 def _store_gate_sums(gs_base, gs_off, gf_raw, gb_raw, BT: tl.constexpr, K: tl.constexpr):
-    """Chunk 0's inclusive gate sums, forward F and reverse R (log2 units), as pass 1 stores the others."""
+    """The backward's chunk 0: its inclusive gate sums, forward F and reverse R (log2 units), as pass 1 stores
+    the other chunks'."""
     gf2 = _clamp_gate(gf_raw)
     gb2 = _clamp_gate(gb_raw)
     tl.store(gs_base + gs_off, tl.cumsum(gf2, axis=0))
@@ -792,6 +793,7 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
         part_stride = dq.stride(0)
     dv = torch.empty_like(v)
     programs, stash, suffix, sync = _segment_buffers(q, v, plan, 2)
+    # per program slot, so a head split into value blocks keeps one identical copy per block (never at ViG's sizes)
     gate_sums = torch.empty(programs * cps * 2 * bt * key_dim, device=q.device, dtype=torch.float32)
     dqs, dks, dgfs, dgbs = (x[0] if nv > 1 else x for x in (dq, dk, dgf, dgb))
     capped = _cap_backward(programs, ns, q.device)
