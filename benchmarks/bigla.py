@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +40,8 @@ from vig_kernels.bigla import fused  # noqa: E402
 from vig_kernels.bigla.reference import bigla_reference  # noqa: E402
 
 try:
-    from fla.ops.gla import chunk_gla  # noqa: E402
     import fla  # noqa: E402
+    from fla.ops.gla import chunk_gla  # noqa: E402
     FLA_VERSION = getattr(fla, "__version__", "?")
 except Exception as exc:  # pragma: no cover - optional baseline
     chunk_gla = None
@@ -312,6 +313,7 @@ def main():
         make = lambda grad, b=batch, t=length, h=heads: make_gla_inputs(b, t, h, device, grad)  # noqa: E731
         make_s = lambda grad, b=batch, t=length, h=heads: make_sdpa_inputs(b, t, h, device, grad)  # noqa: E731
         sets = n_sets(token_heads * fwd_bytes(), l2)
+        started = time.perf_counter()
         r = {"model": model, "T": length, "B": batch, "H": heads,
              "floor_fwd": token_heads * fwd_bytes() / bandwidth * 1e3,
              "floor_fb": token_heads * (fwd_bytes() + bwd_bytes()) / bandwidth * 1e3}
@@ -335,6 +337,7 @@ def main():
             timed("sdpa_fwd", sdpa, make_s, False)
             timed("sdpa_fb", sdpa, make_s, True)
             r["sdpa_peak"] = peak_mib(sdpa, make_s)
+        r["wall_s"] = round(time.perf_counter() - started, 1)  # compiles and autotuning included: plans device time
         results.append(r)
         print(json.dumps(r), flush=True)
         torch.cuda.empty_cache()
