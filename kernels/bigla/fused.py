@@ -234,7 +234,7 @@ def _store_summary(WS, GT, i_bh, i_s, i_v, h, gsum, NS: tl.constexpr, K: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, GSUM, SUF, HF, HB, GTF, GTB, SYNC,
+def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, SUF, HF, HB, GTF, GTB, SYNC,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                 sf_b, sf_t, sf_h, sg_b, sg_t, sg_h, so_b, so_t, so_h,
                 T, H, qscale,
@@ -251,9 +251,6 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, GSUM, SUF, HF, HB, GTF, GTB, SYNC,
     gb_base = _seq_base(GB, i_b, i_h, sg_b, sg_h)
     o_base = _seq_base(O, i_b, i_h, so_b, so_h) + i_v * BV
     st_base = STASH + (slot * SUB * CPS).to(tl.int64) * (K * BV)
-    gs_base = GSUM + (slot * SUB * CPS).to(tl.int64) * (BT * K)
-    gs_off = _key_ptrs(0, tl.arange(0, BT), K, K)
-    gt_off = tl.arange(0, K // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     suf_base = SUF + (slot * SUB * CPS).to(tl.int64) * K
     st_off = tl.arange(0, K)[:, None] * BV + tl.arange(0, BV)[None, :]
     rk = tl.arange(0, K)
@@ -282,9 +279,7 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, GSUM, SUF, HF, HB, GTF, GTB, SYNC,
                 v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
                 gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
                 Gb = tl.sum(gb2, axis=0)
-                R = _reverse_sums(gb2, Gb)
-                tl.store(gs_base + (seg * CPS + cc) * (BT * K) + gs_off, R)
-                kd = _flat(k * tl.exp2(Gb[None] - R), K).to(DOT)
+                kd = _flat(k * tl.exp2(Gb[None] - _reverse_sums(gb2, Gb)), K).to(DOT)
                 s_b = s_b * tl.exp2(_channels(Gb, K))[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
                 if NS > 1:
                     gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
@@ -297,10 +292,6 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, GSUM, SUF, HF, HB, GTF, GTB, SYNC,
                     tl.store(seg_st + (cc - 1) * (K * BV) + st_off, s_b.to(DOT), mask=(st_off >= 0) & (cc > 0))
                 else:  # unsplit, chunk 0 never comes: no mask on the hot path
                     tl.store(seg_st + (cc - 1) * (K * BV) + st_off, s_b.to(DOT))
-            if NS == 1:  # pass 1 stopped short of chunk 0; pass 2 still wants its reverse gate sums
-                rows = tl.arange(0, BT)
-                gb2 = _clamp_gate(_load_keys(gb_base, rows, rows < T, sg_t, K))
-                tl.store(gs_base + gs_off, _reverse_sums(gb2, tl.sum(gb2, axis=0)))
             if NS > 1:
                 _store_summary(HF, GTF, i_bh, i_s, i_v, h_f, suf_f, NS, K, DV, BV, True)
                 _store_summary(HB, GTB, i_bh, i_s, i_v, s_b, suf_b, NS, K, DV, BV, True)
@@ -337,9 +328,10 @@ def _fwd_kernel(Q, Kp, V, GF, GB, O, STASH, GSUM, SUF, HF, HB, GTF, GTB, SYNC,
             v = _load_rows(v_base, rows, rmask, sv_t, BV).to(DOT)
             gf2 = _clamp_gate(_load_keys(gf_base, rows, rmask, sf_t, K))
             F = tl.cumsum(gf2, axis=0)
-            R = tl.load(gs_base + cc * (BT * K) + gs_off)  # from pass 1; its first row is the chunk total
             Gf = tl.sum(gf2, axis=0)
-            Gb = tl.sum(tl.load(gs_base + cc * (BT * K) + gt_off[None]), axis=0)
+            gb2 = _clamp_gate(_load_keys(gb_base, rows, rmask, sg_t, K))
+            Gb = tl.sum(gb2, axis=0)
+            R = _reverse_sums(gb2, Gb)
             fm = 0.5 * Gf[None]  # the reference: half the chunk total (F, R lie in [G, 0])
             rm = 0.5 * Gb[None]
             qf = q * tl.exp2(F - fm)
@@ -768,11 +760,10 @@ def _forward(q, k, v, g_fwd, g_bwd, scale, plan):
     dot, prec, _ = _dot_types(q.dtype)
     o = torch.empty(batch, length, heads, value_dim, device=q.device, dtype=v.dtype)
     segments, stash, suffix, sync = _segment_buffers(q, v, plan, 1)
-    gate_sums = torch.empty(segments * cps * bt * key_dim, device=q.device, dtype=torch.float32)
     hf, hb, gtf, gtb = _summary_buffers(q, v, plan, True) if ns > 1 else (o,) * 4
     for phase in _phases(ns):
         _launch("fwd", _fwd_kernel, (segments // group,),
-            q, k, v, g_fwd, g_bwd, o, stash, gate_sums, suffix, hf, hb, gtf, gtb, sync,
+            q, k, v, g_fwd, g_bwd, o, stash, suffix, hf, hb, gtf, gtb, sync,
             *_strides(q), *_strides(k), *_strides(v), *_strides(g_fwd), *_strides(g_bwd), *_strides(o),
             length, heads, 0.5 * scale,
             K=key_dim, DV=value_dim, BV=bv, BT=bt, NS=ns, CPS=cps, SUB=group, DOT=dot, PREC=prec, PHASE=phase,
