@@ -478,8 +478,8 @@ def _bwd_kernel(Q, Kp, V, GF, GB, DO, DQ, DK, DVp, DGF, DGB, STASH, GSUM, SUF, H
             do = _load_rows(do_base, rows, rmask, sd_t, BV).to(DOT)
             gf_raw = _load_rows(gf_base, rows, rmask, sf_t, K)
             gb_raw = _load_rows(gb_base, rows, rmask, sg_t, K)
-            # Unsplit, the chunk's gate sums come from pass 1's workspace (2.5-3.7% faster fwd+bwd than recomputing
-            # them at 196 tokens on an H100); split, pass 2 recomputes them (0.6-2.6% faster, and no workspace).
+            # Unsplit, the chunk's gate sums come from pass 1's workspace (recomputing them was 2.5-3.7% slower fwd+bwd
+            # at 196 tokens on an H100); split, pass 2 recomputes them (0.6-2.6% faster, and no workspace).
             # A padding row's gate is 0, so F's last row and R's first are the chunk totals; read as a [1, K] row
             # summed over its one row, they get the layout of a row sum of the tile (as [K] vectors they spilled).
             if NS == 1:
