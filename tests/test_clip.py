@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -17,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from clip_fixtures import TINY_CONFIG, digits_batch, register_tiny_config, tiny_clip
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from two_processes import run_two_processes
 
 import vig
 from pretrain import clip
@@ -158,11 +156,8 @@ def test_locked_text_tower_is_frozen_and_its_cache_is_exact_and_bounded():
 @pytest.mark.slow
 def test_two_process_losses_and_gradients_equal_single_process(tmp_path):
     out = tmp_path / "report.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-               str(ROOT / "tests" / "clip_distributed_check.py"), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT / "tests")
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(ROOT / "tests" / "clip_distributed_check.py", [str(out)],
+                      port=29547, cwd=ROOT / "tests")  # gloo on CPU under torchrun
     report = json.loads(out.read_text())
     for kind in ("clip", "siglip"):
         assert report[kind]["distributed_loss"] == pytest.approx(report[kind]["single_loss"], rel=1e-5), report

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 from torch.nn import functional as F
+from two_processes import run_two_processes
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval import detect
@@ -285,12 +283,9 @@ def test_two_process_run_evaluates_every_validation_image_once(tower, tmp_path):
     data = tmp_path / "canvases"
     write_demo_detection(data, source="digits", train_size=256, val_size=63, canvas=64, single_class=True)  # 31 + 32
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545",
-               str(ROOT / "eval" / "detect.py"), str(DEMO_RECIPE),
-               *overrides(data, run, tower, **{"optim.epochs": 6})]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(ROOT / "eval" / "detect.py",
+                      [str(DEMO_RECIPE), *overrides(data, run, tower, **{"optim.epochs": 6})],
+                      port=29545, cwd=ROOT, ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["samples"] == 63 and final["step"] == 48  # 256 canvases / (16 x 2 ranks) x 6 epochs
     # Measured 2026-12-07: AP50 46.7, AP 11.5; a detector that finds the items makes the comparison below count.

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from two_processes import run_two_processes
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval import finetune
@@ -127,12 +125,10 @@ def test_two_process_run_evaluates_every_validation_image_once(tmp_path):
     data = tmp_path / "digits"
     write_demo(data, source="digits", train_size=128, val_size=97, progress=False)  # ranks get 49 and 48 images
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-               str(ROOT / "eval" / "finetune.py"), str(DEMO_RECIPE),
-               *overrides(data, run, **{"optim.batch_size": 16, "optim.epochs": 2, "train.eval_every": 0})]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(ROOT / "eval" / "finetune.py",
+                      [str(DEMO_RECIPE),
+                       *overrides(data, run, **{"optim.batch_size": 16, "optim.epochs": 2, "train.eval_every": 0})],
+                      port=29541, cwd=ROOT, ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["samples"] == 97 and final["step"] == 8  # 128 images / (16 x 2 ranks) x 2 epochs
     # The ranks' summed counts equal one process evaluating the exported classifier on all 97 images.

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedType, ProjectConfiguration, is_wandb_available
 from PIL import Image
+from two_processes import run_two_processes
 
 import vig  # noqa: F401  (registers the towers with timm)
 from pretrain.checkpoints import CheckpointError, CheckpointManager, TrainState
@@ -531,3 +532,14 @@ def test_two_processes_skip_stop_save_and_resume_together(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)  # the forked workers must not inherit a state
     debug_launcher(_two_process_worker, args=(str(tmp_path / "checkpoints"),), num_processes=2)
     assert (tmp_path / "checkpoints" / "step_00000008" / "random_states_1.pkl").is_file()
+
+
+@pytest.mark.slow
+def test_a_hung_two_process_run_fails_with_every_process_stack(tmp_path):
+    script = tmp_path / "hang_after_init.py"
+    script.write_text("import time\nimport torch.distributed as dist\n\ndist.init_process_group('gloo')\n"
+                      "time.sleep(600)\n")
+    with pytest.raises(pytest.fail.Exception, match="did not finish in 40 s") as failure:
+        run_two_processes(script, [], port=29549, cwd=tmp_path, timeout=40)
+    stacks = str(failure.value)
+    assert stacks.count('hang_after_init.py", line 5 in <module>') == 2, stacks  # both ranks, at the sleep

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from two_processes import run_two_processes
 
 import vig
 from eval import linear_probe
@@ -136,12 +134,10 @@ def test_linear_probe_separates_digits(digits, tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_run(digits, tmp_path):
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(ROOT / "pretrain" / "mae.py"), str(DEMO_RECIPE),
-               *tiny_overrides(digits, run, **{"train.max_steps": 3, "optim.batch_size": 8})]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_two_processes(ROOT / "pretrain" / "mae.py",
+                               [str(DEMO_RECIPE),
+                                *tiny_overrides(digits, run, **{"train.max_steps": 3, "optim.batch_size": 8})],
+                               port=29533, cwd=ROOT, ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
     assert "2 processes" in result.stdout + result.stderr
     assert (run / "checkpoints" / "step_00000003").is_dir()
     assert vig.load_official_state_dict(timm.create_model("vig_tiny", num_classes=0, img_size=32),

@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from two_processes import run_two_processes
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval import segment
@@ -159,12 +157,10 @@ def test_two_process_run_evaluates_every_validation_image_once(towers, tmp_path)
     data = tmp_path / "canvases"
     write_demo_segmentation(data, source="digits", train_size=64, val_size=63, canvas=64, binary=True)  # 32 + 31
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
-               str(ROOT / "eval" / "segment.py"), str(DEMO_RECIPE),
-               *overrides(data, run, towers["vig_h_tiny"], **{"optim.epochs": 2, "train.eval_every": 0})]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(ROOT / "eval" / "segment.py",
+                      [str(DEMO_RECIPE),
+                       *overrides(data, run, towers["vig_h_tiny"], **{"optim.epochs": 2, "train.eval_every": 0})],
+                      port=29543, cwd=ROOT, ACCELERATE_USE_CPU="1")  # gloo on CPU under torchrun
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["samples"] == 63 and final["step"] == 4  # 64 canvases / (16 x 2 ranks) x 2 epochs
     # The ranks' summed confusion matrices equal one process evaluating the saved segmenter on all 63 images.
