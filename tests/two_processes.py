@@ -3,7 +3,8 @@
 A run that does not finish within the timeout is asked for its Python stacks before it is killed: every
 process runs with faulthandler on, so SIGABRT makes each worker print where all its threads are. The test then
 fails with those stacks instead of a bare timeout, which is what a rare hang needs to be diagnosed. torchrun
-starts each worker in a session of its own, so the workers are found as its descendants in /proc (Linux).
+starts each worker in a session of its own, so the workers are found as its descendants in /proc (Linux), and
+torchrun is paused meanwhile, since after one worker's failure it would stop the others before they print.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def run_two_processes(script: Path, args: list[str], port: int, cwd: Path, timeo
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         workers = _descendants(process.pid)
-        _send(workers, signal.SIGABRT)
-        time.sleep(5)  # time for every worker to print its stacks
+        _send([process.pid], signal.SIGSTOP)  # so that torchrun does not stop the other workers after the first
+        for worker in workers:  # one at a time: their stacks share one pipe
+            _send([worker], signal.SIGABRT)
+            time.sleep(2)
         _send([process.pid, *workers, *_descendants(process.pid)], signal.SIGKILL)
         stdout, stderr = process.communicate()
         pytest.fail(f"{script.name} under torchrun did not finish in {timeout:.0f} s; its stacks and output:\n"
