@@ -25,6 +25,9 @@ clip: ``open_clip.CLIP`` with ViT-B-16's text tower (width 512, 12 layers, 8 hea
     (``timm_model_name=<vig>``, avg pool, linear projection), ``open_clip.ClipLoss``, random token ids.
 With ``--backend reference`` the ViG token mixer runs the plain-PyTorch reference instead of the Triton
 kernel (``vig_kernels.set_backend``); the baselines are unaffected.
+With ``--compile full``, each case's model runs through ``torch.compile`` (inductor, default mode); with
+``--compile regional``, block by block as ``train.compile`` does in the trainers (``pretrain.compiling``), both in
+place. The optimizer step stays eager. The first warm-up step, which compiles, is reported as ``first_step_s``.
 With ``--profile``, every case also records its top CUDA kernels over a few profiled steps (torch.profiler),
 and a breakdown (encoder/tower alone) where the case has one.
 """
@@ -53,6 +56,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import vig  # noqa: E402,F401  (registers the ViG models with timm)
 import vig_kernels  # noqa: E402
+from pretrain.compiling import compile_blocks  # noqa: E402
 from pretrain.masked_autoencoder import MaskedAutoencoder  # noqa: E402
 from pretrain.optim import build_optimizer  # noqa: E402
 
@@ -124,6 +128,14 @@ class ViTMaskedAutoencoder(MaskedAutoencoder):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
 
+def compiled(model: torch.nn.Module, how: str | None) -> torch.nn.Module:
+    """The model compiled in place (``nn.Module.compile``, so parameter names do not change): region by region as
+    the trainers' ``train.compile`` does (``pretrain.compiling.compile_blocks``), or its whole forward."""
+    if how == "full":
+        model.compile()
+    return compile_blocks(model, how == "regional")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cases: each returns (model, step inputs, loss function, optional tower-only functions for the breakdown)
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,10 +146,11 @@ def mae_case(kind: str, args, device):
     else:
         model = MaskedAutoencoder(args.vig, img_size=args.image_size, mask_mode=kind)
     model = model.to(device)
+    forward = compiled(model, args.compile)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
 
     def loss_fn():
-        return model(images)[0]
+        return forward(images)[0]
 
     def encoder_only():  # the encoder's share: encoder forward on the kept tokens, sum as the loss
         grid = model.grid(images)
@@ -162,6 +175,7 @@ def clip_case(kind: str, size: int, args, device):
                                vision_cfg=dict(timm_model_name=args.vig, timm_model_pretrained=False,
                                                timm_pool="avg", timm_proj="linear", image_size=size))
     model = model.to(device).train()
+    forward = compiled(model, args.compile)
     loss = open_clip.ClipLoss()
     context = model.context_length if hasattr(model, "context_length") else 77
     vocab = model.vocab_size if hasattr(model, "vocab_size") else 49408
@@ -169,7 +183,7 @@ def clip_case(kind: str, size: int, args, device):
     text = torch.randint(0, vocab, (args.batch, context), device=device)
 
     def loss_fn():
-        image_features, text_features, logit_scale = model(images, text)[:3]
+        image_features, text_features, logit_scale = forward(images, text)[:3]
         return loss(image_features, text_features, logit_scale)
 
     def image_only():
@@ -197,8 +211,13 @@ def sync(device):
 
 
 def time_steps(step, steps: int, warmup: int, batch: int, device) -> dict:
-    for _ in range(warmup):
+    first_step_s = None
+    for index in range(warmup):
+        start = time.perf_counter()
         step()
+        if index == 0:
+            sync(device)
+            first_step_s = time.perf_counter() - start
     sync(device)
     events, host_ms = [], []
     start = time.perf_counter()
@@ -217,8 +236,8 @@ def time_steps(step, steps: int, warmup: int, batch: int, device) -> dict:
     elapsed = time.perf_counter() - start
     step_ms = [begin.elapsed_time(end) for begin, end in events] if events else host_ms
     return {"images_per_second": steps * batch / elapsed, "elapsed_s": elapsed, "steps": steps,
-            "warmup": warmup, "median_step_ms": statistics.median(step_ms), "min_step_ms": min(step_ms),
-            "max_step_ms": max(step_ms)}
+            "warmup": warmup, "first_step_s": first_step_s, "median_step_ms": statistics.median(step_ms),
+            "min_step_ms": min(step_ms), "max_step_ms": max(step_ms)}
 
 
 def top_kernels(step, device, steps: int = 3, count: int = 12) -> list[dict]:
@@ -368,6 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mae-cases", nargs="+", default=["visible", "mask_token", "vit"],
                         choices=["visible", "mask_token", "vit"])
     parser.add_argument("--clip-cases", nargs="+", default=["vig", "vit"], choices=["vig", "vit"])
+    parser.add_argument("--compile", choices=["full", "regional"], help="torch.compile each case's model")
     parser.add_argument("--profile", action="store_true", help="also record top kernels and a tower breakdown")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -380,7 +400,8 @@ def main(argv=None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     vig_kernels.set_backend(args.backend)
     report = {"environment": environment(device), "argv": sys.argv, "args": vars(args), "results": []}
-    vig_label = args.vig.replace("vig_", "ViG-").replace("base", "B").replace("small", "S").replace("tiny", "T")
+    family, _, size = args.vig.rpartition("_")
+    vig_label = f"{family.replace('vig', 'ViG').replace('vim', 'Vim').replace('_h', '-H')}-{size[0].upper()}"
     vit_label = args.vit
 
     if args.mode in ("mae", "all"):
@@ -411,8 +432,9 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     env = report["environment"]
+    compiled_note = f", compiled ({args.compile})" if args.compile else ""
     print(f"\n{env.get('gpu', env['device'])}, {env['date']}, torch {env['torch']}, triton {env['triton']}, "
-          f"timm {env['timm']}, open_clip {env['open_clip']}, ViG backend {args.backend}; "
+          f"timm {env['timm']}, open_clip {env['open_clip']}, ViG backend {args.backend}{compiled_note}; "
           f"{args.steps} timed steps after {args.warmup} warm-up\n")
     print(markdown(report))
 

@@ -34,6 +34,7 @@ from eval.tuning import (
     save_with_recipe,
     training_stream_options,
 )
+from pretrain.compiling import compile_blocks
 from pretrain.data import read_dataset_info
 from pretrain.data.detection import build_detection_loader
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     model = create_detector(recipe.model, num_classes)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    compile_blocks(model, recipe.train.compile)
     size = recipe.model.image_size
     shared = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                   num_workers=recipe.data.num_workers)

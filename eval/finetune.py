@@ -29,6 +29,7 @@ from torch import nn
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval.accuracy import eval_mode, topk_accuracy
 from eval.tuning import append_metrics, build_schedule, class_count, fit, prepare_training, training_stream_options
+from pretrain.compiling import compile_blocks
 from pretrain.data import build_loader, read_dataset_info
 from pretrain.export import export_timm
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     model = create_classifier(recipe.model.encoder, num_classes, recipe.model.img_size, recipe.model.drop_path_rate)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    compile_blocks(model, recipe.train.compile)
     image_size, data_cfg = input_size(model), model.pretrained_cfg
     augment = recipe.augment
     mixup, criterion = mixup_and_loss(augment, num_classes)

@@ -36,6 +36,7 @@ from eval.tuning import (
     save_with_recipe,
     training_stream_options,
 )
+from pretrain.compiling import compile_blocks
 from pretrain.data import read_dataset_info
 from pretrain.data.segmentation import IGNORE_INDEX, build_segmentation_loader
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     model = create_segmenter(recipe.model, num_classes)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    compile_blocks(model, recipe.train.compile)
     crop, cfg = recipe.model.crop_size, model.pretrained_cfg
     shared = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                   num_workers=recipe.data.num_workers, mean=cfg["mean"], std=cfg["std"])

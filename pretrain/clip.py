@@ -23,6 +23,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from eval.zeroshot import load_class_names, load_templates, zero_shot
 from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.compiling import compile_blocks
 from pretrain.contrastive import (
     ContrastiveModel,
     build_loss,
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if recipe.train.grad_checkpointing:
         clip_model.visual.set_grad_checkpointing(True)
     model = ContrastiveModel(clip_model, lock_text=recipe.model.lock_text, text_cache_size=recipe.model.text_cache_size)
+    compile_blocks(model, recipe.train.compile)
     tokenizer = clip_tokenizer(model_cfg)
     preprocess = open_clip.get_model_preprocess_cfg(clip_model)
     loader = build_loader(recipe.data.train_shards, "clip", recipe.optim.batch_size, recipe.model.image_size,

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from torchvision.utils import make_grid
 
 from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.compiling import compile_blocks
 from pretrain.data import build_loader
 from pretrain.export import export_timm, sub_state_dict
 from pretrain.guards import NonFiniteGuard, StopSignal
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     model = MaskedAutoencoder(**dataclasses.asdict(recipe.model))
     if recipe.train.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
+    compile_blocks(model, recipe.train.compile)
     data_cfg = model.encoder.pretrained_cfg
     loader = build_loader(recipe.data.train_shards, "mae", recipe.optim.batch_size, recipe.model.img_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,

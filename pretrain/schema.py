@@ -59,6 +59,9 @@ class TrainSection:
     """Stop with an error after this many consecutive steps with a NaN/Inf loss."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass (the image tower's blocks) to save memory."""
+    compile: bool = False
+    """torch.compile (inductor) every block of the model in place before training (``pretrain.compiling``); the
+    first steps take longer while it compiles. Parameter names, checkpoints and exports do not change."""
     wandb: bool | Literal["auto"] = "auto"
     """Also log to Weights & Biases: True, False, or ``auto`` (when installed and configured)."""
 

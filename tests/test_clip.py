@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from clip_fixtures import TINY_CONFIG, digits_batch, register_tiny_config, tiny_clip
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch._dynamo.utils import counters
 from two_processes import run_two_processes
 
 import vig
@@ -93,9 +94,13 @@ def test_recipes_load():
         assert loaded.model.config in open_clip.list_models() or loaded.model.config.endswith("-MiniLM-L6"), recipe
 
 
-def test_training_lowers_the_loss_and_zero_shot_beats_chance(digits, tiny_config, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_training_lowers_the_loss_and_zero_shot_beats_chance(digits, tiny_config, tmp_path, compiled):
     run = tmp_path / "run"
-    result = clip.main([str(DEMO_RECIPE), *tiny_overrides(digits, run, tiny_config)])
+    torch._dynamo.reset()
+    counters.clear()
+    result = clip.main([str(DEMO_RECIPE), *tiny_overrides(digits, run, tiny_config, **{"train.compile": compiled})])
+    assert (counters["stats"]["unique_graphs"] > 0) == compiled
     losses = logged(run, "loss")
     assert len(losses) == 32  # 256 // 32 updates per epoch, 4 epochs
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
