@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.models.vision_transformer import Block
 from torch._dynamo.utils import counters
 from two_processes import run_two_processes
 
@@ -94,6 +95,20 @@ def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path):
     for key, value in final_encoder(straight).items():
         torch.testing.assert_close(final_encoder(resumed)[key], value, rtol=0, atol=0, msg=key)
     assert (resumed / "recipe.yaml").is_file() and list((resumed / "images").glob("reconstruction_*.png"))
+
+
+@pytest.mark.parametrize("encoder, mode", [("vig_tiny", "visible"), ("vim_tiny", "visible"),
+                                           ("vig_h_tiny", "mask_token")])
+def test_compile_reaches_every_block_the_forward_calls(encoder, mode):
+    model = MaskedAutoencoder(encoder, img_size=64, mask_mode=mode, decoder_dim=32, decoder_depth=2, decoder_heads=2)
+    compile_blocks(model, True)
+    block_types = (vig.vig.GLABlock, vig.vig.HierViGBlock, vig.vim.VimLayer, Block)
+    blocks = [name for name, module in model.named_modules() if isinstance(module, block_types)]
+    # ViG-H runs each stage's blocks itself, so a compiled stage would leave them eager.
+    uncompiled = [name for name in blocks if model.get_submodule(name)._compiled_call_impl is None]
+    assert len(blocks) >= 4 and uncompiled == []
+    assert [name for name, _ in model.named_parameters()] == [name for name, _ in MaskedAutoencoder(
+        encoder, img_size=64, mask_mode=mode, decoder_dim=32, decoder_depth=2, decoder_heads=2).named_parameters()]
 
 
 def test_compiled_run_computes_what_the_eager_run_does_and_shares_its_checkpoints(digits, tmp_path):
