@@ -133,7 +133,9 @@ def compiled(model: torch.nn.Module, how: str | None) -> torch.nn.Module:
     the trainers' ``train.compile`` does (``pretrain.compiling.compile_blocks``), or its whole forward."""
     if how == "full":
         model.compile()
-    return compile_blocks(model, how == "regional")
+    elif how == "regional":
+        compile_blocks(model, True)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
