@@ -34,7 +34,7 @@ from pretrain.contrastive import (
     export_clip,
     similarity_accuracy,
 )
-from pretrain.data import build_loader
+from pretrain.data import DeviceNormalize, build_loader
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                           num_workers=recipe.data.num_workers, resampled=recipe.data.resampled,
                           samples_per_epoch=recipe.data.samples_per_epoch if recipe.data.resampled else None,
                           seed=recipe.train.seed, shuffle_buffer=recipe.data.shuffle_buffer, tokenizer=tokenizer,
-                          mean=preprocess["mean"], std=preprocess["std"],
-                          max_bad_fraction=recipe.data.max_bad_fraction)
+                          max_bad_fraction=recipe.data.max_bad_fraction, normalize=False,
+                          pin_memory=accelerator.device.type == "cuda")
+    normalize = DeviceNormalize(preprocess["mean"], preprocess["std"])
 
     accum = recipe.optim.accum_steps
     updates_per_epoch = max(1, loader.steps_per_epoch // accum)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         while state.step < last_update:
             state.epoch = loader.epoch
             for images, texts in loader:
-                micro_batches.append((images.to(accelerator.device, dtype=input_dtype, non_blocking=True),
+                micro_batches.append((normalize(images, accelerator.device, input_dtype),
                                       texts.to(accelerator.device, non_blocking=True)))
                 if len(micro_batches) < accum:
                     continue

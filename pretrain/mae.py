@@ -20,7 +20,7 @@ from torchvision.utils import make_grid
 
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.compiling import compile_blocks
-from pretrain.data import build_loader
+from pretrain.data import DeviceNormalize, build_loader
 from pretrain.export import export_timm, sub_state_dict
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.masked_autoencoder import MaskedAutoencoder
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
                           num_workers=recipe.data.num_workers, resampled=recipe.data.resampled,
                           samples_per_epoch=recipe.data.samples_per_epoch if recipe.data.resampled else None,
                           seed=recipe.train.seed, shuffle_buffer=recipe.data.shuffle_buffer,
-                          mean=data_cfg["mean"], std=data_cfg["std"], max_bad_fraction=recipe.data.max_bad_fraction)
+                          max_bad_fraction=recipe.data.max_bad_fraction, normalize=False,
+                          pin_memory=accelerator.device.type == "cuda")
+    normalize = DeviceNormalize(data_cfg["mean"], data_cfg["std"])
 
     updates_per_epoch = max(1, loader.steps_per_epoch // recipe.optim.accum_steps)
     total_updates = recipe.optim.epochs * updates_per_epoch
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         while state.step < last_update:
             state.epoch = loader.epoch
             for images in loader:
-                images = images.to(accelerator.device, dtype=input_dtype, non_blocking=True)
+                images = normalize(images, accelerator.device, input_dtype)
                 with accelerator.accumulate(model):
                     scheduler.step_update(state.step)
                     with accelerator.autocast():

@@ -16,6 +16,7 @@ from PIL import Image
 from pretrain.data import (
     ArrayImage,
     BadDataError,
+    DeviceNormalize,
     FileImage,
     ShardSample,
     build_loader,
@@ -293,6 +294,31 @@ def test_eval_pixels_reach_the_batch_unchanged(tmp_path, digits):
         assert label == labels[index]
         for channel in image:  # gray replicated to RGB
             torch.testing.assert_close(channel, torch.from_numpy(images[index]).float() / 255)
+
+
+@pytest.mark.parametrize("task", ["mae", "clip", "eval"])
+def test_uint8_batches_normalised_on_the_device_match_normalised_batches(tmp_path, digits, task):
+    write_digit_shards(tmp_path, digits, 16, per_shard=8)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # open_clip's
+    batches = {}
+    for normalize in (True, False):
+        torch.manual_seed(0)  # the same random crops and flips in the main process
+        batch = next(iter(build_loader(tmp_path, task, 16, 24, num_workers=0, mean=mean, std=std, with_keys=True,
+                                       normalize=normalize)))
+        batches[normalize] = batch
+    (reference, *_, reference_keys), (raw, *_, raw_keys) = batches[True], batches[False]
+    assert raw.dtype == torch.uint8 and raw.shape == reference.shape == (16, 3, 24, 24) and raw_keys == reference_keys
+    assert raw.float().std() > 10  # real digit strokes, not a constant image
+    torch.testing.assert_close(DeviceNormalize(mean, std)(raw, "cpu"), reference, rtol=0, atol=1e-6)
+    assert DeviceNormalize(mean, std)(raw, "cpu", torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_device_normalize_and_classify_reject_what_they_cannot_take(tmp_path, digits):
+    write_digit_shards(tmp_path, digits, 8, per_shard=8)
+    with pytest.raises(ValueError, match=r"uint8 images \[B, 3, H, W\].*float32 of shape \(2, 3, 8, 8\)"):
+        DeviceNormalize()(torch.zeros(2, 3, 8, 8), "cpu")
+    with pytest.raises(ValueError, match="task 'classify' always normalises"):
+        build_loader(tmp_path, "classify", 8, 16, normalize=False)
 
 
 def test_classify_batches_are_augmented_and_keep_their_labels(tmp_path, digits):

@@ -9,7 +9,7 @@ from .loader import ShardLoader, build_loader
 from .shards import expand_shards, read_dataset_info, shard_sizes
 from .sources import Source, caption_file_source, image_folder_source, template_captions
 from .stream import BadDataError, BadSample
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, image_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalize, image_transform
 from .writer import ArrayImage, FileImage, ShardSample, WriteSummary, write_shards
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ArrayImage",
     "BadDataError",
     "BadSample",
+    "DeviceNormalize",
     "FileImage",
     "ShardLoader",
     "ShardSample",

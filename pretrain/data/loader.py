@@ -194,6 +194,7 @@ def build_loader(
     sizes: Mapping[str, int] | None = None,
     augment: Mapping[str, Any] | None = None,
     with_keys: bool = False,
+    normalize: bool = True,
     pin_memory: bool = False,
 ) -> ShardLoader:
     """A loader of CPU batches for one rank; never pass it through ``accelerator.prepare``.
@@ -213,6 +214,10 @@ def build_loader(
         max_bad_fraction: raise :class:`BadDataError` once more than this fraction of a rank's epoch was bad.
         sizes: shard file name -> sample count, where no ``sizes.json`` sits next to the shards.
         augment: keyword arguments of timm's training transform for task ``classify`` (see ``image_transform``).
+        normalize: with False, images come as uint8 ``[B, 3, S, S]``, a quarter of the bytes to collate, pass
+            between processes and copy to the accelerator; :class:`DeviceNormalize` scales and normalises them
+            there. Not for ``classify``.
+        pin_memory: deliver batches in page-locked memory, so that copies to a GPU can run asynchronously.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
@@ -236,7 +241,8 @@ def build_loader(
     if total == 0:
         raise ValueError(f"the {len(urls)} shards hold no samples according to their counts (first {urls[0]!r})")
     steps, rank_samples = _rank_epoch(total, samples_per_epoch, rank, world_size, batch_size, drop_last, resampled)
-    transform = image_transform(task, image_size, mean=mean, std=std, crop_pct=crop_pct, augment=augment)
+    transform = image_transform(task, image_size, mean=mean, std=std, crop_pct=crop_pct, augment=augment,
+                                normalize=normalize)
     config = StreamConfig(
         urls=tuple(urls), sizes=tuple(counts), task=task, batch_size=batch_size, steps_per_epoch=steps,
         samples_per_epoch=rank_samples, max_bad_fraction=max_bad_fraction, rank=rank, world_size=world_size,

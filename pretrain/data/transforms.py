@@ -25,8 +25,10 @@ def image_transform(
     std: Sequence[float] = IMAGENET_STD,
     crop_pct: float = 0.875,
     augment: Mapping[str, Any] | None = None,
+    normalize: bool = True,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """RGB PIL image -> normalised float tensor ``[3, image_size, image_size]``.
+    """RGB PIL image -> normalised float tensor ``[3, image_size, image_size]``, or with ``normalize=False`` the
+    uint8 tensor before scaling and normalisation (for :class:`DeviceNormalize` on the accelerator).
 
     ``mae``: RandomResizedCrop(scale 0.2-1, bicubic) and horizontal flip (the MAE recipe); ``clip``:
     RandomResizedCrop(scale 0.9-1, bicubic) (open_clip's training transform); ``classify``: timm's training
@@ -37,6 +39,9 @@ def image_transform(
     """
     if augment is not None and task != "classify":
         raise ValueError(f"augment options apply to task 'classify', not {task!r}")
+    if not normalize and task == "classify":
+        raise ValueError("task 'classify' always normalises: timm's training transform erases random patches "
+                         "of the normalised image")
     bicubic = v2.InterpolationMode.BICUBIC
     if task == "classify":
         return create_transform(image_size, is_training=True, interpolation="bicubic", mean=tuple(mean),
@@ -54,4 +59,29 @@ def image_transform(
         geometry = [v2.Resize(math.floor(image_size / crop_pct), interpolation=bicubic), v2.CenterCrop(image_size)]
     else:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    if not normalize:
+        return v2.Compose([*geometry, v2.ToImage()])
     return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class DeviceNormalize:
+    """Scales and normalises uint8 batches from a ``normalize=False`` loader on the device they go to.
+
+    Produces what ``image_transform`` with ``normalize=True`` does, up to float32 rounding, while the loader's
+    workers collate, share and the host copies a quarter of the bytes (the prefetcher idea of timm's loader).
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 ``[B, C, H, W]`` -> normalised ``dtype`` on ``device`` (asynchronous from pinned memory)."""
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"DeviceNormalize takes uint8 images [B, {self.mean.shape[1]}, H, W] from a loader built "
+                             f"with normalize=False, got {images.dtype} of shape {tuple(images.shape)}")
+        images = images.to(device, non_blocking=True)
+        if self.mean.device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+        return images.float().sub_(self.mean).div_(self.std).to(dtype)
