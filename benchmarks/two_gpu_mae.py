@@ -3,11 +3,14 @@
     python benchmarks/two_gpu_mae.py runs/bench_2gpu/1gpu runs/bench_2gpu/ddp runs/bench_2gpu/zero2 \
         --out benchmarks/results/two_gpu_mae.json
 
-Each argument is a run's ``output_dir`` (``pretrain/mae.py`` with ``train.log_every=1``); the first is the
-reference. Per run: the mean of the last ``--last`` logged losses; images/s from the event wall times between
-update ``--from`` and the last one (global batch x updates / seconds), also without the time the trainer spent
-waiting for the loader (``data_wait_fraction``, logged per update), and the median of the trainer's own
-20-update windows (``images_per_second``) from update ``--from`` on.
+Each argument is a run's ``output_dir`` (``pretrain/mae.py`` or ``pretrain/clip.py`` with ``train.log_every=1``);
+the first is the reference. Per run: the mean of the last ``--last`` logged losses; images/s from the event wall
+times between update ``--from`` and the last one (global batch x updates / seconds); the share of that span the
+trainer spent waiting for the loader, from the loader's running total of seconds waited (``data_wait_seconds``),
+and the images/s without that time; the largest ``data_wait_fraction`` logged in the span (each over the loader's
+last 50 batches); and the median of the trainer's own 20-update windows (``images_per_second``) from update
+``--from`` on. Runs logged before ``data_wait_seconds`` existed carry a ``data_wait_fraction`` taken since the start
+of the run, which this script does not convert: their wait columns are left empty.
 """
 from __future__ import annotations
 
@@ -41,29 +44,28 @@ def summarise(run_dir: str, first: int, last: int, global_batch: int | None) -> 
     final_step = losses[-1][0]
     window = [value for step, _, value in losses[-last:]]
     rates = [value for step, _, value in series.get("images_per_second", []) if step >= first]
-    waits = [value for step, _, value in series.get("data_wait_fraction", []) if step > first]
+    waited = {step: value for step, _, value in series.get("data_wait_seconds", [])}
+    windowed = [value for step, _, value in series.get("data_wait_fraction", []) if step > first and waited]
     out = {"run": run_dir, "updates": final_step, "loss_last_mean": statistics.fmean(window),
            "loss_last_n": len(window), "loss_final": losses[-1][2], "loss_first": losses[0][2],
            "images_per_second_median_window": statistics.median(rates) if rates else None,
-           "data_wait_fraction_mean": statistics.fmean(waits) if waits else None,
-           "data_wait_fraction_max": max(waits) if waits else None}
+           "data_wait_share": None, "data_wait_fraction_max": max(windowed) if windowed else None}
     walls = {step: wall for step, wall, _ in losses}
     if global_batch and first in walls and final_step > first:
         seconds = walls[final_step] - walls[first]
         out["images_per_second_wall"] = global_batch * (final_step - first) / seconds
-        # The same span without the time spent waiting for the loader (each update's interval times the share
-        # of it not spent in the loader): what the GPUs and the training loop alone would give.
-        wait = {step: value for step, _, value in series.get("data_wait_fraction", [])}
-        busy = sum((walls[step] - walls[step - 1]) * (1 - wait.get(step, 0.0))
-                   for step in range(first + 1, final_step + 1) if step in walls and step - 1 in walls)
-        if busy > 0:
-            out["images_per_second_excluding_wait"] = global_batch * (final_step - first) / busy
+        if first in waited and final_step in waited:
+            # The same span without the time spent waiting for the loader: what the GPUs and the training loop
+            # alone would give.
+            wait = waited[final_step] - waited[first]
+            out["data_wait_share"] = wait / seconds
+            out["images_per_second_excluding_wait"] = global_batch * (final_step - first) / (seconds - wait)
     recipe = os.path.join(run_dir, "recipe.yaml")
     if os.path.exists(recipe):
         out["recipe"] = open(recipe).read()
+    kept = ("loss", "images_per_second", "data_wait_fraction", "data_wait_seconds", "grad_norm", "lr")
     out["series"] = {tag: [[step, round(wall, 3), value] for step, wall, value in points]
-                     for tag, points in series.items() if tag in ("loss", "images_per_second", "data_wait_fraction",
-                                                                 "grad_norm", "lr")}
+                     for tag, points in series.items() if tag in kept}
     return out
 
 
@@ -96,7 +98,7 @@ def main(argv=None) -> None:
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "results": results}, f, indent=1)
     print(f"| run | updates | loss (mean of last {args.last}) | vs {names[0]} | images/s (updates {args.first}-end) | "
-          "speed-up | loader wait (mean / max) | images/s without loader wait | speed-up |")
+          "speed-up | loader wait (span / largest 50-batch window) | images/s without loader wait | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         if "error" in r:
@@ -105,7 +107,7 @@ def main(argv=None) -> None:
         fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
         print(f"| {r['name']} | {r['updates']} | {r['loss_last_mean']:.4f} | {fmt(r.get('loss_vs_reference'), '+.2%')} "
               f"| {fmt(r.get('images_per_second_wall'), '.0f')} | {fmt(r.get('speedup_wall'), '.2f')}x "
-              f"| {fmt(r['data_wait_fraction_mean'], '.1%')} / {fmt(r['data_wait_fraction_max'], '.1%')} "
+              f"| {fmt(r['data_wait_share'], '.1%')} / {fmt(r['data_wait_fraction_max'], '.1%')} "
               f"| {fmt(r.get('images_per_second_excluding_wait'), '.0f')} | {fmt(r.get('speedup_excluding_wait'), '.2f')}x |")
 
 if __name__ == "__main__":

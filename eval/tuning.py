@@ -118,9 +118,8 @@ def fit(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, 
                     scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": max_lr(optimizer),
                                "grad_norm": math.nan if grad_norm is None else grad_norm,
                                "images_per_second": throughput.rate() or 0.0,
-                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
-                               "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
-                               "bad_samples": loader.bad_sample_count}
+                               **loader.stats(),
+                               "nonfinite_skipped": guard.skipped_total}
                     tracker.log(scalars, state.step)
                     bar.set_postfix(loss=f"{scalars['loss'].item():.4f}", lr=f"{scalars['lr']:.2e}")
                 if evaluate is not None and eval_every and state.step % eval_every == 0 \

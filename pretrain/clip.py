@@ -205,9 +205,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                                "logit_scale": out["logit_scale"].detach().float(),
                                "batch_accuracy": accelerator.reduce(similarity_accuracy(out).detach(), "mean"),
                                "images_per_second": throughput.rate() or 0.0,
-                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
-                               "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
-                               "bad_samples": loader.bad_sample_count}
+                               **loader.stats(),
+                               "nonfinite_skipped": guard.skipped_total}
                     tracker.log(scalars, state.step)
                     bar.set_postfix(loss=f"{scalars['loss'].item():.4f}", lr=f"{scalars['lr']:.2e}")
                 if zeroshot and recipe.zeroshot.every and state.step % recipe.zeroshot.every == 0 \

@@ -133,9 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                     scalars = {"loss": accelerator.reduce(loss.detach(), "mean"), "lr": optimizer.param_groups[0]["lr"],
                                "grad_norm": math.nan if grad_norm is None else grad_norm,
                                "images_per_second": throughput.rate() or 0.0,
-                               "data_wait_fraction": loader.stats()["data_wait_fraction"],
-                               "nonfinite_skipped": guard.skipped_total, "epoch": loader.epoch,
-                               "bad_samples": loader.bad_sample_count}
+                               **loader.stats(),
+                               "nonfinite_skipped": guard.skipped_total}
                     tracker.log(scalars, state.step)
                     bar.set_postfix(loss=f"{scalars['loss'].item():.4f}", lr=f"{scalars['lr']:.2e}")
                 if state.step % recipe.train.image_every == 0 and accelerator.is_main_process:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import tarfile
+import time
 from collections import Counter
 
 import numpy as np
@@ -514,6 +516,30 @@ def test_resampled_resume_continues_the_same_stream(tmp_path, digits):
     assert len(reference) == 12
     before, after, _ = interrupted_epoch(make_loader, stop_after=5)
     assert before + after == reference
+
+
+def test_wait_fraction_follows_the_recent_batches_and_wait_seconds_add_up(tmp_path, digits):
+    write_digit_shards(tmp_path, digits, 120, per_shard=40)
+    loader = build_loader(tmp_path, "eval", 2, 8, num_workers=0)
+    fast_transform = loader.config.transform
+
+    def slow_transform(image):
+        time.sleep(0.01)
+        return fast_transform(image)
+
+    # Epoch 0: a slow input pipeline and a training loop that takes no time, so the loop only waits.
+    loader.config = dataclasses.replace(loader.config, transform=slow_transform)
+    collect(loader)
+    slow = loader.stats()
+    assert slow["data_wait_fraction"] > 0.9 and slow["data_wait_seconds"] >= 120 * 0.01
+    # Epoch 1: a fast pipeline and a loop that takes 10 ms per batch. A share taken since the start would still be
+    # about half (1.2 s of waiting in about 1.8 s); over the last 50 batches it is small.
+    loader.config = dataclasses.replace(loader.config, transform=fast_transform)
+    for _ in loader:
+        time.sleep(0.01)
+    fast = loader.stats()
+    assert fast["data_wait_fraction"] < 0.3
+    assert fast["data_wait_seconds"] > slow["data_wait_seconds"]
 
 
 def test_epochs_advance_and_reshuffle_and_state_checks_the_layout(tmp_path, digits):

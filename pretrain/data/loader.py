@@ -45,9 +45,9 @@ class ShardLoader:
         self.bad_sample_count = 0
         self.bad_samples: list[BadSample] = []  # the first KEPT_BAD_SAMPLES records
         self._epoch_bad = 0
-        self._recent: deque[tuple[float, int]] = deque(maxlen=THROUGHPUT_WINDOW)
-        self._waited = 0.0
-        self._iterating_since: float | None = None
+        # (time of delivery, batch size, seconds the caller waited for it) of the last batches
+        self._recent: deque[tuple[float, int, float]] = deque(maxlen=THROUGHPUT_WINDOW)
+        self._waited = 0.0  # seconds, since the loader was built
 
     @property
     def steps_per_epoch(self) -> int:
@@ -76,11 +76,13 @@ class ShardLoader:
             in_order=True,  # the resume position assumes round-robin delivery (see layout)
         )
         deliveries = iter(loader)
-        self._iterating_since = self._iterating_since or time.perf_counter()
+        waited = 0.0  # for the next batch, including deliveries that carried none
         while True:
             asked = time.perf_counter()
             delivery = next(deliveries, None)
-            self._waited += time.perf_counter() - asked
+            delivered = time.perf_counter()
+            waited += delivered - asked
+            self._waited += delivered - asked
             if delivery is None:
                 break
             self._account(delivery.bad)
@@ -88,7 +90,8 @@ class ShardLoader:
                 continue
             self.batches_done += 1
             self.samples_seen += delivery.size
-            self._recent.append((time.perf_counter(), delivery.size))
+            self._recent.append((delivered, delivery.size, waited))
+            waited = 0.0
             yield delivery.payload
         if config.drop_last and self.batches_done < self.steps_per_epoch:
             raise BadDataError(
@@ -128,18 +131,22 @@ class ShardLoader:
             self.epoch, self.batches_done = self.epoch + 1, 0
 
     def stats(self) -> dict[str, float]:
-        """Figures for logging: position, samples/s over the last batches, share of time waiting for data."""
-        rate = 0.0
+        """Figures for logging: position; samples/s and the share of time spent waiting for data, both over the
+        last ``THROUGHPUT_WINDOW`` batches; seconds spent waiting since the loader was built."""
+        rate = wait_fraction = 0.0
         if len(self._recent) > 1:
-            elapsed = self._recent[-1][0] - self._recent[0][0]
-            rate = sum(size for _, size in list(self._recent)[1:]) / max(elapsed, 1e-9)
-        running = time.perf_counter() - self._iterating_since if self._iterating_since else 0.0
+            recent = list(self._recent)
+            elapsed = max(recent[-1][0] - recent[0][0], 1e-9)
+            # every wait but the first batch's lies between the first and the last delivery
+            rate = sum(size for _, size, _ in recent[1:]) / elapsed
+            wait_fraction = sum(waited for _, _, waited in recent[1:]) / elapsed
         return {
             "epoch": self.epoch,
             "step_in_epoch": self.batches_done,
             "samples_seen": self.samples_seen,
             "samples_per_second": rate,
-            "data_wait_fraction": self._waited / running if running else 0.0,
+            "data_wait_fraction": wait_fraction,
+            "data_wait_seconds": self._waited,
             "bad_samples": self.bad_sample_count,
         }
 
