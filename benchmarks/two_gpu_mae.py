@@ -108,7 +108,8 @@ def main(argv=None) -> None:
         print(f"| {r['name']} | {r['updates']} | {r['loss_last_mean']:.4f} | {fmt(r.get('loss_vs_reference'), '+.2%')} "
               f"| {fmt(r.get('images_per_second_wall'), '.0f')} | {fmt(r.get('speedup_wall'), '.2f')}x "
               f"| {fmt(r['data_wait_share'], '.1%')} / {fmt(r['data_wait_fraction_max'], '.1%')} "
-              f"| {fmt(r.get('images_per_second_excluding_wait'), '.0f')} | {fmt(r.get('speedup_excluding_wait'), '.2f')}x |")
+              f"| {fmt(r.get('images_per_second_excluding_wait'), '.0f')} "
+              f"| {fmt(r.get('speedup_excluding_wait'), '.2f')}x |")
 
 if __name__ == "__main__":
     main()
