@@ -23,7 +23,7 @@ from timm.optim import Lars
 from torch import nn
 
 import vig  # noqa: F401  (registers the architectures with timm)
-from pretrain.data import build_loader
+from pretrain.data import DeviceNormalize, build_loader
 
 
 def load_encoder(folder: Path, random_init: bool) -> nn.Module:
@@ -43,12 +43,13 @@ def load_encoder(folder: Path, random_init: bool) -> nn.Module:
 def extract(model: nn.Module, shards: str, image_size: int, batch_size: int, num_workers: int,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = model.pretrained_cfg
-    loader = build_loader(shards, "eval", batch_size, image_size, num_workers=num_workers, mean=cfg["mean"],
-                          std=cfg["std"], crop_pct=cfg.get("crop_pct", 0.875))
+    loader = build_loader(shards, "eval", batch_size, image_size, num_workers=num_workers,
+                          crop_pct=cfg.get("crop_pct", 0.875), normalize=False, pin_memory=device.type == "cuda")
+    normalize = DeviceNormalize(cfg["mean"], cfg["std"])
     features, labels = [], []
     for images, batch_labels in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pooled = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
+            pooled = model.forward_head(model.forward_features(normalize(images, device)), pre_logits=True)
         features.append(pooled.float().cpu())
         labels.append(batch_labels)
     return torch.cat(features), torch.cat(labels)
