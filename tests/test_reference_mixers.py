@@ -1,6 +1,7 @@
 """The plain-PyTorch token mixers against token-by-token float64 recurrences, outputs and gradients."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 
 import vig
 import vig_kernels
-
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +29,26 @@ def test_models_find_this_projects_kernels_from_any_directory(tmp_path):
     module_file, shape = proc.stdout.split("\n")[:2]
     assert os.path.dirname(os.path.dirname(module_file)) == ROOT, module_file
     assert shape == "(1, 3)"
+
+
+def test_from_the_checkout_root_kernels_is_hugging_faces_package_and_transformers_imports():
+    """``python -m eval.zeroshot`` from the repository root puts the root on sys.path, where this project's kernels/
+    folder would shadow Hugging Face's ``kernels``, which transformers imports when it is installed (the CLIP demo's
+    zero-shot step failed so with ``cannot import name 'CUDAProperties' from 'kernels'``)."""
+    try:
+        installed = importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    code = ("import vig_kernels, kernels; print(vig_kernels.__file__); print(kernels.__file__); "
+            "import transformers.integrations.hub_kernels")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if installed is None:
+        assert proc.returncode != 0 and "imported as vig_kernels" in proc.stderr, proc.stderr[-3000:]
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = proc.stdout.split("\n")[:2]
+    assert os.path.dirname(os.path.dirname(ours)) == ROOT, ours
+    assert not theirs.startswith(ROOT + os.sep + "kernels"), theirs
 
 
 def gla_token_loop(q, k, v, g, scale):
