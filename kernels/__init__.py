@@ -14,9 +14,11 @@ if __name__ == "kernels":
     import os
     import sys
 
-    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    def _is_this_project(entry: str) -> bool:  # this checkout's or another one's kernels/ folder
+        return os.path.isdir(os.path.join(entry or os.curdir, "kernels", "bigla"))
+
     _spec = importlib.machinery.PathFinder.find_spec(
-        "kernels", [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _checkout])
+        "kernels", [entry for entry in sys.path if not _is_this_project(entry)])
     if _spec is None:
         raise ImportError(f"'kernels' resolved to {os.path.dirname(os.path.abspath(__file__))}, this project's "
                           "token-mixer ops, which are imported as vig_kernels; Hugging Face's kernels package is "
