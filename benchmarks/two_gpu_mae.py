@@ -10,7 +10,9 @@ trainer spent waiting for the loader, from the loader's running total of seconds
 and the images/s without that time; the largest ``data_wait_fraction`` logged in the span (each over the loader's
 last 50 batches); and the median of the trainer's own 20-update windows (``images_per_second``) from update
 ``--from`` on. Runs logged before ``data_wait_seconds`` existed carry a ``data_wait_fraction`` taken since the start
-of the run, which this script does not convert: their wait columns are left empty.
+of the run, which this script does not convert: their wait columns are left empty. For such runs,
+``--bounds SUMMARY.json ...`` bounds each span's wait from the summaries this script wrote (see
+``since_start_wait_bound``).
 """
 from __future__ import annotations
 
@@ -69,15 +71,47 @@ def summarise(run_dir: str, first: int, last: int, global_batch: int | None) -> 
     return out
 
 
+def since_start_wait_bound(series: dict, first: int) -> tuple[str, float]:
+    """Bound the share of updates ``first``..last spent waiting, from a ``data_wait_fraction`` logged as the share
+    since the loader started (before ``data_wait_seconds`` existed).
+
+    The wait in the span is ``f_end R_end - f_first R_first`` with ``R`` the time since the loader started, which is
+    unknown but at least the time since update 1: where f fell over the span, the share is at most the returned
+    value; where it rose, at least.
+    """
+    fractions = {step: value for step, _, value in series["data_wait_fraction"]}
+    walls = {step: wall for step, wall, _ in series["loss"]}
+    last = max(walls)
+    span, before = walls[last] - walls[first], walls[first] - walls[min(walls)]
+    bound = (fractions[last] * span + (fractions[last] - fractions[first]) * before) / span
+    return ("at most" if fractions[first] > fractions[last] else "at least"), bound
+
+
+def print_bounds(paths: list[str], first: int) -> None:
+    print(f"| summary | run | loader wait, updates {first}-end |")
+    print("|---|---|---:|")
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["results"]:
+                relation, bound = since_start_wait_bound(r["series"], first)
+                print(f"| {os.path.basename(path)} | {r['name']} | {relation} {bound:.1%} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run output_dirs; the first is the reference (1 GPU)")
+    parser.add_argument("runs", nargs="*", help="run output_dirs; the first is the reference (1 GPU)")
+    parser.add_argument("--bounds", nargs="+", metavar="SUMMARY", help="only print since-start wait bounds")
     parser.add_argument("--names", nargs="+", help="labels (default: the folder names)")
     parser.add_argument("--global-batch", type=int, default=512)
     parser.add_argument("--from", dest="first", type=int, default=60, help="first update of the throughput span")
     parser.add_argument("--last", type=int, default=10, help="losses averaged at the end")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.bounds:
+        print_bounds(args.bounds, args.first)
+        return
+    if not args.runs or not args.out:
+        parser.error("give run output_dirs and --out, or --bounds")
     names = args.names or [os.path.basename(os.path.normpath(run)) for run in args.runs]
     results = []
     for name, run in zip(names, args.runs, strict=True):
