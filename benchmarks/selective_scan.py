@@ -8,9 +8,10 @@ Per shape (inner channels E = 2 x width, d_state N = 16; u, B, C bf16 and delta 
 under bf16 autocast; A and D fp32):
 (a) this kernel, ``vig_kernels.selective_scan.fused.bi_selective_scan_triton``, eager calls and CUDA-graph
     replays (no launch overhead);
-(b) the reference path that ran before it, ``bi_selective_scan_reference`` (chunked log-depth scans, each
-    chunk checkpointed), eager calls. The official path (``mamba_ssm``'s CUDA scan, one launch per direction on
-    a flipped copy) is a compiled extension that the GPU image lacks;
+(b) the reference path that ran before it, ``bi_selective_scan_reference`` (chunked scans, each chunk
+    checkpointed; log-depth inside a chunk until 2026-12-07, step by step since), eager calls. The official
+    path (``mamba_ssm``'s CUDA scan, one launch per direction on a flipped copy) is a compiled extension that
+    the GPU image lacks;
 (c) the HBM floor: every input read once, every output written once, over the copy bandwidth measured in
     the same run.
 Times are ``triton.testing.do_bench`` medians (L2 flushed before each repetition) with input sets rotated

@@ -18,6 +18,7 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import interpreter_scans  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -170,6 +171,8 @@ GROUPS = {**{name: functools.partial(run_cases, cases) for name, cases in CASES.
 
 def main(groups):
     start = time.time()
+    vectorised = interpreter_scans.install()
+    print(f"interpreter scans: {'vectorised along the axis' if vectorised else 'Triton element loops'}", flush=True)
     ok = True
     for group in groups:
         ok &= GROUPS[group]()
