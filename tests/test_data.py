@@ -542,6 +542,33 @@ def test_wait_fraction_follows_the_recent_batches_and_wait_seconds_add_up(tmp_pa
     assert fast["data_wait_seconds"] > slow["data_wait_seconds"]
 
 
+def test_the_next_epochs_workers_start_early_and_deliver_the_same_batches(tmp_path, digits):
+    write_digit_shards(tmp_path, digits, 60, per_shard=10)
+
+    def make_loader(early: bool):
+        return build_loader(tmp_path, "mae", 4, 8, num_workers=2, shuffle_buffer=8, seed=1, with_keys=True,
+                            start_next_epoch_early=early)
+
+    plain = make_loader(False)
+    reference = [collect(plain), collect(plain)]
+    loader = make_loader(True)
+    steps = len(loader)
+    started_ahead = []  # after each batch of epoch 0: which epoch's workers run ahead
+    epoch_0 = []
+    for batch in loader:
+        epoch_0.append(list(batch[-1]))
+        started_ahead.append(loader._started and loader._started[0])
+    # started when batch steps - num_workers + 1 is asked for, while the workers deliver their last batches
+    assert started_ahead == [None] * (steps - 2) + [1, 1]
+    assert [epoch_0, collect(loader)] == reference
+    assert loader.epoch == 2 and loader._started[0] == 2
+
+    loader.set_epoch(5)  # a jump discards the epoch started ahead
+    assert loader._started is None
+    plain.set_epoch(5)
+    assert collect(loader) == collect(plain)
+
+
 def test_epochs_advance_and_reshuffle_and_state_checks_the_layout(tmp_path, digits):
     write_digit_shards(tmp_path, digits, 40, per_shard=10)
     loader = build_loader(tmp_path, "mae", 4, 8, num_workers=0, with_keys=True)

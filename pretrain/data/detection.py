@@ -233,7 +233,8 @@ def build_detection_loader(shards: str | os.PathLike | Sequence[str | os.PathLik
     ``iscrowd`` and ``area`` per box."""
     base = build_loader(shards, "mae" if training else "eval", batch_size, image_size, **options)
     config = dataclasses.replace(base.config, transform=detection_transform(training, image_size, scale))
-    return DetectionLoader(config, num_workers=base.num_workers, pin_memory=base.pin_memory)
+    return DetectionLoader(config, num_workers=base.num_workers, pin_memory=base.pin_memory,
+                           start_next_epoch_early=base.start_next_epoch_early)
 
 
 def _prepare_detection(sample: dict, transform, training: bool, bad: _BadLog) -> tuple | None:

@@ -35,10 +35,14 @@ class ShardLoader:
     stream_class: type[WorkerStream] = WorkerStream
     """What each epoch's workers run; a subclass for other sample kinds (image + mask: ``data/segmentation.py``)."""
 
-    def __init__(self, config: StreamConfig, *, num_workers: int, pin_memory: bool):
+    def __init__(self, config: StreamConfig, *, num_workers: int, pin_memory: bool, start_next_epoch_early: bool):
         self.config = config
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        # Workers of a new epoch take seconds to start and fill their pipelines; starting them while the last
+        # batches of the current epoch are consumed hides that at the epoch boundary.
+        self.start_next_epoch_early = start_next_epoch_early and num_workers > 0
+        self._started: tuple[int, Iterator] | None = None  # (epoch, its deliveries), started ahead
         self.epoch = 0
         self.batches_done = 0  # in the current epoch
         self.samples_seen = 0
@@ -66,16 +70,12 @@ class ShardLoader:
         config = self.config
         if self.batches_done == 0:
             self._epoch_bad = 0
-        generator = torch.Generator().manual_seed(make_seed(config.seed, self.epoch, config.rank, self.batches_done))
-        loader = wds.WebLoader(
-            self.stream_class(config, self.epoch, self.batches_done),
-            batch_size=None,  # workers deliver whole batches
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            generator=generator,  # seeds the workers' augmentation RNGs
-            in_order=True,  # the resume position assumes round-robin delivery (see layout)
-        )
-        deliveries = iter(loader)
+        started, self._started = self._started, None
+        if started is not None and started[0] == self.epoch and self.batches_done == 0:
+            deliveries = started[1]
+        else:
+            deliveries = self._deliveries(self.epoch, self.batches_done)
+        start_next_after = max(1, self.steps_per_epoch - self.num_workers)  # batches; the workers' last ones
         waited = 0.0  # for the next batch, including deliveries that carried none
         while True:
             asked = time.perf_counter()
@@ -93,6 +93,8 @@ class ShardLoader:
             self._recent.append((delivered, delivery.size, waited))
             waited = 0.0
             yield delivery.payload
+            if self.start_next_epoch_early and self._started is None and self.batches_done >= start_next_after:
+                self._started = (self.epoch + 1, self._deliveries(self.epoch + 1, 0))
         if config.drop_last and self.batches_done < self.steps_per_epoch:
             raise BadDataError(
                 f"rank {config.rank} delivered {self.batches_done} of {self.steps_per_epoch} batches in epoch "
@@ -101,10 +103,25 @@ class ShardLoader:
         self.epoch += 1
         self.batches_done = 0
 
+    def _deliveries(self, epoch: int, batches_done: int) -> Iterator:
+        """Starts the workers of ``epoch`` from batch ``batches_done`` on; they deliver in turn."""
+        config = self.config
+        generator = torch.Generator().manual_seed(make_seed(config.seed, epoch, config.rank, batches_done))
+        return iter(wds.WebLoader(
+            self.stream_class(config, epoch, batches_done),
+            batch_size=None,  # workers deliver whole batches
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,  # seeds the workers' augmentation RNGs
+            in_order=True,  # the resume position assumes round-robin delivery (see layout)
+        ))
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning; the current epoch keeps its position (safe after a resume)."""
         if epoch != self.epoch:
             self.epoch, self.batches_done = epoch, 0
+        if self._started is not None and self._started[0] != epoch:
+            self._started = None
 
     def state_dict(self) -> dict:
         """The loader's position: identical on every rank, so saving it from the main process suffices."""
@@ -127,6 +144,7 @@ class ShardLoader:
                                  "use load_state_dict(state, strict=False) to continue anyway")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.samples_seen = int(state["samples_seen"])
+        self._started = None
         if self.batches_done > self.steps_per_epoch:
             self.epoch, self.batches_done = self.epoch + 1, 0
 
@@ -203,6 +221,7 @@ def build_loader(
     with_keys: bool = False,
     normalize: bool = True,
     pin_memory: bool = False,
+    start_next_epoch_early: bool | None = None,
 ) -> ShardLoader:
     """A loader of CPU batches for one rank; never pass it through ``accelerator.prepare``.
 
@@ -225,6 +244,10 @@ def build_loader(
             between processes and copy to the accelerator; :class:`DeviceNormalize` scales and normalises them
             there. Not for ``classify``.
         pin_memory: deliver batches in page-locked memory, so that copies to a GPU can run asynchronously.
+        start_next_epoch_early: start the next epoch's workers while the current epoch's last ``num_workers``
+            batches are consumed, so that training does not wait for them at the boundary; its batches are the
+            same as without. Default True for mae/clip/classify, False for eval (usually read once). Changes to
+            the loader's config after that point do not reach the started epoch.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
@@ -256,7 +279,8 @@ def build_loader(
         resampled=resampled, shuffle=shuffle, shuffle_buffer=shuffle_buffer, drop_last=drop_last, seed=seed,
         transform=transform, tokenizer=tokenizer, with_keys=with_keys,
     )
-    return ShardLoader(config, num_workers=num_workers, pin_memory=pin_memory)
+    return ShardLoader(config, num_workers=num_workers, pin_memory=pin_memory,
+                       start_next_epoch_early=training if start_next_epoch_early is None else start_next_epoch_early)
 
 
 def _rank_epoch(

@@ -274,7 +274,8 @@ def build_segmentation_loader(shards: str | os.PathLike | Sequence[str | os.Path
     drops partial batches; evaluation reads every sample once, each on one rank."""
     base = build_loader(shards, "mae" if training else "eval", batch_size, crop_size, **options)
     config = dataclasses.replace(base.config, transform=segmentation_transform(training, crop_size, scale, mean, std))
-    return SegmentationLoader(config, num_workers=base.num_workers, pin_memory=base.pin_memory)
+    return SegmentationLoader(config, num_workers=base.num_workers, pin_memory=base.pin_memory,
+                              start_next_epoch_early=base.start_next_epoch_early)
 
 
 def _prepare_pair(sample: dict, transform, bad: _BadLog) -> tuple[str, torch.Tensor, torch.Tensor] | None:
