@@ -562,6 +562,8 @@ def test_the_next_epochs_workers_start_early_and_deliver_the_same_batches(tmp_pa
     assert started_ahead == [None] * (steps - 2) + [1, 1]
     assert [epoch_0, collect(loader)] == reference
     assert loader.epoch == 2 and loader._started[0] == 2
+    workers = getattr(loader._started[1], "_workers", [])  # running before the epoch's first batch is asked for
+    assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
 
     loader.set_epoch(5)  # a jump discards the epoch started ahead
     assert loader._started is None

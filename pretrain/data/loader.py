@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import webdataset as wds
 from webdataset.utils import make_seed
 
 from .layout import rank_span, rank_steps
@@ -107,7 +106,9 @@ class ShardLoader:
         """Starts the workers of ``epoch`` from batch ``batches_done`` on; they deliver in turn."""
         config = self.config
         generator = torch.Generator().manual_seed(make_seed(config.seed, epoch, config.rank, batches_done))
-        return iter(wds.WebLoader(
+        # A plain DataLoader: its iterator starts the workers when created, while the iterator of webdataset's
+        # WebLoader is a generator that creates the DataLoader's only at its first batch.
+        return iter(torch.utils.data.DataLoader(
             self.stream_class(config, epoch, batches_done),
             batch_size=None,  # workers deliver whole batches
             num_workers=self.num_workers,
