@@ -69,10 +69,12 @@ class ShardLoader:
         config = self.config
         if self.batches_done == 0:
             self._epoch_bad = 0
-        started, self._started = self._started, None
-        if started is not None and started[0] == self.epoch and self.batches_done == 0:
-            deliveries = started[1]
+        started_epoch = self._started[0] if self._started is not None else None
+        if started_epoch == self.epoch and self.batches_done == 0:
+            deliveries, self._started = self._started[1], None
         else:
+            if started_epoch != self.epoch + 1:  # kept when the current epoch is re-entered part-way
+                self._started = None
             deliveries = self._deliveries(self.epoch, self.batches_done)
         start_next_after = max(1, self.steps_per_epoch - self.num_workers)  # batches; the workers' last ones
         waited = 0.0  # for the next batch, including deliveries that carried none
