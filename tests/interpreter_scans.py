@@ -1,13 +1,13 @@
-"""Faster user-defined reductions and scans for the Triton interpreter, used by the interpreter test scripts.
+"""Faster user-defined reductions and scans for the Triton interpreter, used by tests/selective_scan_interp_cases.py.
 
 Triton 3.6's interpreter runs ``tl.reduce`` and ``tl.associative_scan`` with a combine function of the user's
-(``tl.flip`` is one, through ``xor_sum``) one element at a time: a Python call of the combine function per
-element. The selective scan's chunk scans over ``[16, channels, d_state]`` tiles spent most of the CI suite's
-time there. :func:`install` replaces the two element loops with loops along the reduced axis only, calling
-the combine function on whole slices. The fold runs in the same order, left to right, so with elementwise
-combine functions (all of this project's) every result is the same as the element loop's, bit for bit;
-:func:`install` checks that on a small kernel before it replaces anything. Import this module with
-``TRITON_INTERPRET=1`` already set: Triton decides between compiling and interpreting when a kernel is defined.
+(``tl.flip`` is one, through ``xor_sum``) one element at a time: a Python call of the combine function per element.
+The selective scan's chunk scans over ``[16, channels, d_state]`` tiles made its interpreter tests about half of the
+CI suite's time. :func:`install` replaces the two element loops with loops along the reduced axis only, calling the
+combine function on whole slices. The fold runs in the same order, left to right, so with elementwise combine
+functions (all of this project's) every result is the same as the element loop's, bit for bit; :func:`install`
+checks that on a small kernel before it replaces anything. Import this module with ``TRITON_INTERPRET=1`` already
+set: Triton decides between compiling and interpreting when a kernel is defined.
 """
 from __future__ import annotations
 
@@ -93,9 +93,9 @@ def install() -> bool:
     if not (hasattr(ReduceOps, "generic_reduce") and hasattr(ScanOps, "generic_scan")):
         return False
     element_loops = ReduceOps.generic_reduce, ScanOps.generic_scan
-    expected = _check_kernel_outputs()
-    ReduceOps.generic_reduce, ScanOps.generic_scan = _reduce, _scan
     try:
+        expected = _check_kernel_outputs()
+        ReduceOps.generic_reduce, ScanOps.generic_scan = _reduce, _scan
         if all(torch.equal(a, b) for a, b in zip(_check_kernel_outputs(), expected)):
             return True
     except Exception:  # an interpreter whose internals changed: keep its own loops

@@ -41,7 +41,7 @@ class ShardLoader:
         # Workers of a new epoch take seconds to start and fill their pipelines; starting them while the last
         # batches of the current epoch are consumed hides that at the epoch boundary.
         self.start_next_epoch_early = start_next_epoch_early and num_workers > 0
-        self._started: tuple[int, Iterator] | None = None  # (epoch, its deliveries), started ahead
+        self._started_ahead: tuple[int, Iterator] | None = None  # (epoch, its deliveries), started ahead
         self.epoch = 0
         self.batches_done = 0  # in the current epoch
         self.samples_seen = 0
@@ -69,14 +69,15 @@ class ShardLoader:
         config = self.config
         if self.batches_done == 0:
             self._epoch_bad = 0
-        started_epoch = self._started[0] if self._started is not None else None
+        started_epoch = self._started_ahead[0] if self._started_ahead is not None else None
         if started_epoch == self.epoch and self.batches_done == 0:
-            deliveries, self._started = self._started[1], None
+            deliveries, self._started_ahead = self._started_ahead[1], None
         else:
             if started_epoch != self.epoch + 1:  # kept when the current epoch is re-entered part-way
-                self._started = None
+                self._started_ahead = None
             deliveries = self._deliveries(self.epoch, self.batches_done)
-        start_next_after = max(1, self.steps_per_epoch - self.num_workers)  # batches; the workers' last ones
+        # When about one batch per old worker is left to make, so the new workers hardly compete with them.
+        start_next_after = max(1, self.steps_per_epoch - self.num_workers)
         waited = 0.0  # for the next batch, including deliveries that carried none
         while True:
             asked = time.perf_counter()
@@ -94,8 +95,8 @@ class ShardLoader:
             self._recent.append((delivered, delivery.size, waited))
             waited = 0.0
             yield delivery.payload
-            if self.start_next_epoch_early and self._started is None and self.batches_done >= start_next_after:
-                self._started = (self.epoch + 1, self._deliveries(self.epoch + 1, 0))
+            if self.start_next_epoch_early and self._started_ahead is None and self.batches_done >= start_next_after:
+                self._started_ahead = (self.epoch + 1, self._deliveries(self.epoch + 1, 0))
         if config.drop_last and self.batches_done < self.steps_per_epoch:
             raise BadDataError(
                 f"rank {config.rank} delivered {self.batches_done} of {self.steps_per_epoch} batches in epoch "
@@ -123,8 +124,8 @@ class ShardLoader:
         """Start ``epoch`` from its beginning; the current epoch keeps its position (safe after a resume)."""
         if epoch != self.epoch:
             self.epoch, self.batches_done = epoch, 0
-        if self._started is not None and self._started[0] != epoch:
-            self._started = None
+        if self._started_ahead is not None and self._started_ahead[0] != epoch:
+            self._started_ahead = None
 
     def state_dict(self) -> dict:
         """The loader's position: identical on every rank, so saving it from the main process suffices."""
@@ -147,7 +148,7 @@ class ShardLoader:
                                  "use load_state_dict(state, strict=False) to continue anyway")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.samples_seen = int(state["samples_seen"])
-        self._started = None
+        self._started_ahead = None
         if self.batches_done > self.steps_per_epoch:
             self.epoch, self.batches_done = self.epoch + 1, 0
 
@@ -247,10 +248,12 @@ def build_loader(
             between processes and copy to the accelerator; :class:`DeviceNormalize` scales and normalises them
             there. Not for ``classify``.
         pin_memory: deliver batches in page-locked memory, so that copies to a GPU can run asynchronously.
-        start_next_epoch_early: start the next epoch's workers while the current epoch's last ``num_workers``
-            batches are consumed, so that training does not wait for them at the boundary; its batches are the
-            same as without. Default True for mae/clip/classify, False for eval (usually read once). Changes to
-            the loader's config after that point do not reach the started epoch.
+        start_next_epoch_early: start the next epoch's workers when the current epoch's last ``num_workers``
+            batches are asked for (after its first batch if it has no more), so that training does not wait for
+            them at the boundary; the next epoch's batches are the same as without. Default True for
+            mae/clip/classify (and the training loaders of segmentation and detection), False for eval (usually
+            read once); off with ``num_workers=0``. Changes to the loader or its config (transform included)
+            after that point do not reach the started epoch.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
