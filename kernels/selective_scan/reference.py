@@ -6,8 +6,8 @@ multiplies decays ``<= 1`` only, so it cannot overflow for any ``delta >= 0``. E
 backward pass (activation checkpointing), so memory stays ``O(B T (E + N))`` instead of ``O(B T E N)`` for the
 states. Stepping keeps the live states at ``[b, E, N]``; a log-depth scan inside the chunk (what the Triton kernel
 does) allocated ``[b, chunk, E, N]`` tensors at every doubling, and on a CPU their churn through the C allocator
-held 19 GB for one Vim-T forward at 320 px and batch 3, against 5 GB stepping. The stepped backward is slower
-(9.5 s against 7.3 s there); ``docs/selective_scan.md`` has the figures.
+held about 20 GB for one Vim-T forward at 320 px and batch 3, against 3–5 GB stepping. The stepped backward is
+slower; ``benchmarks/reference_scan_cpu.py`` measures both, and ``docs/selective_scan.md`` has the figures.
 """
 from __future__ import annotations
 
