@@ -94,6 +94,8 @@ def test_shape_errors_are_clear():
         bigla(q, k, v[:, :-1], g_f, g_b)
     with pytest.raises(ValueError, match="4 dims"):
         bigla(q[0], k, v, g_f, g_b)
+    with pytest.raises(ValueError, match="sequence is empty"):
+        bigla(q[:, :0], k[:, :0], v[:, :0], g_f[:, :0], g_b[:, :0])
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -77,6 +77,8 @@ def test_shape_errors_are_clear():
         bi_selective_scan(u, delta, A, B, C[:, :, :8], D)
     with pytest.raises(TypeError, match="D must be floating point"):
         bi_selective_scan(u, delta, A, B, C, D.long())
+    with pytest.raises(ValueError, match="sequence is empty"):
+        bi_selective_scan(u[:, :, :0], delta[:, :, :0], A, B[:, :, :0], C[:, :, :0], D)
 
 
 # ------------------------------------------------------------------------------------------------------

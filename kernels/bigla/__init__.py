@@ -36,6 +36,8 @@ def _check_inputs(q, k, v, g_fwd, g_bwd) -> None:
             raise ValueError(f"bigla: {name} has shape {tuple(named[name].shape)}, expected q's shape {tuple(q.shape)}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"bigla: v has shape {tuple(v.shape)}; its [B, T, H] must equal q's {tuple(q.shape[:3])}")
+    if q.shape[1] == 0:
+        raise ValueError(f"bigla: the sequence is empty (q has shape {tuple(q.shape)}); T must be at least 1")
 
 
 def triton_unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:

@@ -22,6 +22,8 @@ def _check_inputs(u, delta, A, B, C, D) -> None:
     if u.dim() != 4 or u.shape[0] != 2:
         raise ValueError(f"bi_selective_scan: u must be [2, B, T, E], got shape {tuple(u.shape)}")
     _, batch, length, channels = u.shape
+    if length == 0:
+        raise ValueError(f"bi_selective_scan: the sequence is empty (u has shape {tuple(u.shape)}); T must be >= 1")
     expected = {"delta": (2, batch, length, channels), "A": (2, channels, A.shape[-1]),
                 "B": (2, batch, length, A.shape[-1]), "C": (2, batch, length, A.shape[-1]), "D": (2, channels)}
     for name, tensor in {"delta": delta, "A": A, "B": B, "C": C, "D": D}.items():
