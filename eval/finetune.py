@@ -37,6 +37,16 @@ from pretrain.schema import AugmentSection, FinetuneRecipe
 from pretrain.tracking import Tracker, build_accelerator
 
 
+def tower_args(encoder: str) -> dict:
+    """The architecture arguments an exported tower was built with (``in_chans``, ``global_pool``, ...; its
+    ``model_args`` less ``num_classes``), or none for an architecture name."""
+    config_path = Path(encoder) / "config.json"
+    if not config_path.is_file():
+        return {}
+    model_args = json.loads(config_path.read_text()).get("model_args", {})
+    return {key: value for key, value in model_args.items() if key != "num_classes"}
+
+
 def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop_path_rate: float) -> nn.Module:
     """A classifier with a freshly initialised head on an exported tower's weights, or on a random tower when
     ``encoder`` names an architecture instead of a folder."""
@@ -47,9 +57,8 @@ def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop
         if not config_path.is_file() or not weights.is_file():
             raise FileNotFoundError(f"{folder} is not an exported tower: it needs config.json and model.safetensors")
         config = json.loads(config_path.read_text())
-        tower_args = {key: value for key, value in config.get("model_args", {}).items() if key != "num_classes"}
         model = timm.create_model(config["architecture"], pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(weights)), **{**tower_args, **args})
+                                  pretrained_cfg_overlay=dict(file=str(weights)), **{**tower_args(encoder), **args})
         model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
     elif encoder in timm.list_models():
         model = timm.create_model(encoder, **args)
@@ -95,12 +104,12 @@ def check_labels(labels: torch.Tensor, num_classes: int, shards: str) -> None:
 
 
 def export_classifier(accelerator: Accelerator, model: nn.Module, class_names: list[str] | None, num_classes: int,
-                      out_dir: Path) -> None:
+                      out_dir: Path, model_args: dict) -> None:
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; call on every process
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         export_timm(state_dict, unwrapped.pretrained_cfg["architecture"], out_dir, num_classes=num_classes,
-                    label_names=class_names, img_size=input_size(unwrapped))
+                    label_names=class_names, **{**model_args, "img_size": input_size(unwrapped)})
         accelerator.print(f"exported the classifier to {out_dir}")
     accelerator.wait_for_everyone()
 
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     if args.export_from:
         checkpoints.resume(args.export_from)
-        export_classifier(accelerator, model, class_names, num_classes, export_dir)
+        export_classifier(accelerator, model, class_names, num_classes, export_dir, tower_args(recipe.model.encoder))
         return None
 
     def evaluate() -> dict:
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                evaluate if val_loader is not None else None, "finetune"):
         return None
     result = evaluate() if val_loader is not None else None
-    export_classifier(accelerator, model, class_names, num_classes, export_dir)
+    export_classifier(accelerator, model, class_names, num_classes, export_dir, tower_args(recipe.model.encoder))
     tracker.close()
     return result
 

@@ -202,6 +202,7 @@ def export_clip(state_dict: Mapping[str, torch.Tensor], model_cfg: Mapping[str, 
             for name in os.listdir(text_cfg["hf_tokenizer_name"]):
                 if name.startswith(("tokenizer", "vocab", "special_tokens")):
                     shutil.copy2(Path(text_cfg["hf_tokenizer_name"]) / name, staging / name)
+        # open_clip may have reset the trunk's pooling (the config's timm_pool), which the tower must keep.
         export_timm(sub_state_dict(weights, "visual.trunk."), vision_cfg["timm_model_name"], staging / "image_tower",
-                    img_size=vision_cfg.get("image_size", 224))
+                    img_size=vision_cfg.get("image_size", 224), global_pool=reference.visual.trunk.global_pool)
     return out_dir

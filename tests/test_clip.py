@@ -191,3 +191,16 @@ def test_export_round_trip_through_open_clip_and_timm(tiny_config, tmp_path):
         assert finetune(images).shape == (4, 10)
     assert json.loads((folder / "open_clip_config.json").read_text())["preprocess_cfg"]["size"] == [48, 48]
 
+
+
+def test_exported_image_tower_keeps_the_pooling_open_clip_gave_the_trunk(tmp_path):
+    # Vim's own default pool is the class token; open_clip's timm_pool "avg" resets the trunk to average pooling.
+    config = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "timm_model_name": "vim_tiny"}}
+    torch.manual_seed(0)
+    model = create_clip_model(config).eval()
+    assert model.visual.trunk.global_pool == "avg"
+    folder = export_clip(model.state_dict(), config, tmp_path / "export")
+    tower = timm.create_model(f"local-dir:{folder / 'image_tower'}", pretrained=True).eval()
+    images, _ = digits_batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(images), model.visual.trunk(images), rtol=0, atol=0)

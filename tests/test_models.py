@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 import vig
+from pretrain.export import export_timm
 
 OFFICIAL_KEYS = Path(__file__).resolve().parent / "official_keys"
 TINY = ("vig_tiny", "vig_h_tiny", "vim_tiny")
@@ -95,6 +97,97 @@ def test_loader_drops_classifier_for_other_class_count_and_resizes_vim_pos_embed
     assert model.pos_embed.shape == (1, 8 * 8 + 1, 192)
     # The class entry (index 98 of 197) goes to the middle of the new sequence (index 32 of 65).
     assert torch.equal(model.pos_embed[0, 32], checkpoint["pos_embed"][0, 98])
+
+
+def test_headless_checkpoint_keeps_the_models_fresh_classifier():
+    checkpoint = {k: v for k, v in synthetic_official_checkpoint("vig_tiny").items() if not k.startswith("head.")}
+    model = timm.create_model("vig_tiny")
+    head = model.head.weight.clone()
+    assert vig.load_official_state_dict(model, checkpoint) == {"dropped": []}
+    assert torch.equal(model.head.weight, head)
+    assert torch.equal(model.norm.weight, checkpoint["norm.weight"])
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_exported_tower_loads_for_finetuning_exactly_with_any_head(name, tmp_path):
+    """The README's fine-tuning load: ``pretrained=True`` with the export as ``pretrained_cfg_overlay`` file."""
+    torch.manual_seed(0)
+    tower = timm.create_model(name, num_classes=0, img_size=64).eval()
+    weights = export_timm(tower.state_dict(), name, tmp_path / "tower", img_size=64) / "model.safetensors"
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = tower(images)
+        for num_classes in (1000, 10):  # 1000 is the registered class count, so timm would load strictly
+            model = timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                      pretrained_cfg_overlay=dict(file=str(weights))).eval()
+            assert model(images).shape == (2, num_classes)
+            pooled = model.forward_head(model.forward_features(images), pre_logits=True)
+            torch.testing.assert_close(pooled, expected, rtol=0, atol=0)
+        gray = timm.create_model(name, pretrained=True, num_classes=3, in_chans=1,
+                                 pretrained_cfg_overlay=dict(file=str(weights)))
+        assert gray(images[:, :1]).shape == (2, 3)
+    if name != "vig_h_tiny":
+        resized = timm.create_model(name, pretrained=True, num_classes=0, img_size=96,
+                                    pretrained_cfg_overlay=dict(file=str(weights)))
+        assert resized.pos_grid == (6, 6) and resized.pos_embed.shape[1] == 36 + resized.num_prefix_tokens
+
+
+def test_checkpoints_of_another_model_fail_naming_the_keys(tmp_path):
+    tower = timm.create_model("vig_tiny", num_classes=0)
+    prefixed = tmp_path / "open_clip_model.safetensors"
+    save_file({"visual.trunk." + k: v.contiguous() for k, v in tower.state_dict().items()}, str(prefixed))
+    with pytest.raises(KeyError, match=r"178 missing keys.*prefix 'visual\.trunk\.'"):
+        timm.create_model("vig_tiny", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(prefixed)))
+    deeper = tmp_path / "vig_h_small.safetensors"
+    save_file(timm.create_model("vig_h_small", num_classes=0).state_dict(), str(deeper))
+    with pytest.raises(KeyError, match=r"0 missing keys.*192 unexpected keys \['layers\.2\.blocks\.10\."):
+        timm.create_model("vig_h_tiny", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(deeper)))
+    with pytest.raises(KeyError, match=r"does not fit Vim: \d+ missing keys \['cls_token'"):
+        vig.load_official_state_dict(timm.create_model("vim_tiny"), synthetic_official_checkpoint("vig_tiny"))
+
+
+@pytest.mark.parametrize("name", ["vig_tiny", "vim_tiny"])
+def test_position_grid_taken_from_a_checkpoint(name, tmp_path):
+    source = timm.create_model(name, num_classes=0, img_size=(64, 96))
+    model = timm.create_model(name, num_classes=0)
+    model.pos_embed.requires_grad_(False)
+    with pytest.raises(ValueError, match="24 grid positions, not a square grid.*img_size"):
+        model.load_state_dict(source.state_dict())
+    model.load_state_dict({k: v.bfloat16() for k, v in timm.create_model(name, num_classes=0, img_size=64)
+                           .state_dict().items()})
+    assert model.pos_grid == (4, 4)
+    assert model.pos_embed.dtype == torch.float32 and not model.pos_embed.requires_grad
+    weights = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), weights)
+    loaded = timm.create_model(name, num_classes=0, img_size=(64, 96), checkpoint_path=str(weights))
+    assert torch.equal(loaded.pos_embed, source.pos_embed)
+
+
+def test_pruned_and_unpooled_models_still_run():
+    images = torch.randn(1, 3, 64, 64)
+    vim = timm.create_model("vim_tiny", num_classes=0)
+    vim.prune_intermediate_layers([0, 1], prune_norm=True)
+    assert vim(images).shape == (1, 17, 192)  # pruning removes the pooling too: every token, class token included
+    hier = timm.create_model("vig_h_tiny", num_classes=5, global_pool="")
+    assert hier(images).shape == (1, 5, 2, 2)  # per-position logits, as timm's 1x1-conv heads give
+    hier.prune_intermediate_layers([0, 1], prune_head=False)
+    assert hier.num_features == 192 and isinstance(hier.layers[-1].downsample, torch.nn.Identity)
+    maps = hier.forward_intermediates(images, output_fmt="NLC", intermediates_only=True)
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 96), (1, 64, 192)]
+    with torch.device("meta"):
+        for name in TINY:
+            assert timm.create_model(name).head_hidden_size > 0
+
+
+def test_vig_h_layer_groups_follow_the_order_of_computation():
+    groups = timm.models.group_parameters(timm.create_model("vig_h_tiny"), timm.create_model("vig_h_tiny")
+                                          .group_matcher(), reverse=False)
+    order = {name: index for index, names in enumerate(groups.values()) for name in names}
+    # Each stage's downsample runs after its last block and before the next stage's first (timm merges it into
+    # the last block's group).
+    assert order["layers.0.blocks.1.norm.weight"] <= order["layers.0.downsample.1.weight"]
+    assert order["layers.0.blocks.0.norm.weight"] < order["layers.0.downsample.1.weight"]
+    assert order["layers.0.downsample.1.weight"] < order["layers.1.blocks.0.norm.weight"]
 
 
 def test_bad_state_dict_keys_are_named():

@@ -1,9 +1,9 @@
 """Loading checkpoints released with the official ViG, ViG-H and Vim code.
 
 Our parameter names are the official ones, so the key map is small and lives next to each model:
-``vig.vig.checkpoint_filter_fn`` (ViG-H legacy renames, ``Linear2d`` weights stored as ``(out, in, 1, 1)``)
-and ``vig.vim.checkpoint_filter_fn`` (``pos_embed`` resized for another input size). This function adds the
-container handling around them and loads strictly.
+``vig.vig.map_official_keys`` (ViG-H legacy renames, ``Linear2d`` weights stored as ``(out, in, 1, 1)``); Vim
+needs none. This function adds the container handling around it, resamples ``pos_embed`` to the model's grid,
+fits the classifier and loads strictly.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import nn
 
 from . import vig as vig_family
 from . import vim as vim_family
+from ._common import fit_checkpoint
 
 CONTAINER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 
@@ -33,32 +34,15 @@ def load_official_state_dict(model: nn.Module, checkpoint: Mapping, use_ema: boo
     """Load an official checkpoint (or one saved by this project) into ``model`` strictly.
 
     Accepts a raw state dict or a container holding it under ``model``/``state_dict`` (``model_ema`` with
-    ``use_ema=True``), strips a DDP ``module.`` prefix, applies the family's key map, and drops the
-    classifier when its shape differs from the model's (e.g. ``num_classes=0``). Returns
-    ``{"dropped": [...]}`` listing the keys left out on purpose; raises ``KeyError`` naming missing or
-    unexpected keys and ``ValueError`` naming a key whose shape differs.
+    ``use_ema=True``), strips a DDP ``module.`` prefix, applies the family's key map, drops the classifier
+    when its shape differs from the model's (e.g. ``num_classes=0``) and keeps the model's fresh classifier when
+    the checkpoint has none. A ``pos_embed`` of another square grid is resampled to the model's grid (around
+    Vim's class entry). Returns ``{"dropped": [...]}`` listing the keys left out on purpose; raises ``KeyError``
+    naming missing or unexpected keys and ``ValueError`` naming a key whose shape differs.
     """
     state_dict = {key.removeprefix("module."): value for key, value in _unwrap(checkpoint, use_ema).items()}
-    if isinstance(model, vim_family.Vim):
-        state_dict = vim_family.checkpoint_filter_fn(state_dict, model)
-    else:
-        state_dict = vig_family.checkpoint_filter_fn(state_dict, model)
-
-    own = model.state_dict()
-    classifier = next(name for name, module in model.named_modules() if module is model.get_classifier())
-    dropped = [key for key in state_dict if key.startswith(classifier + ".")
-               and (key not in own or own[key].shape != state_dict[key].shape)]
-    for key in dropped:
-        del state_dict[key]
-
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"state dict does not fit {type(model).__name__}: {len(missing)} missing keys "
-                       f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
-    for key, value in state_dict.items():
-        if value.shape != own[key].shape:
-            raise ValueError(f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, "
-                             f"model {tuple(own[key].shape)}")
+    family = vim_family if isinstance(model, vim_family.Vim) else vig_family
+    state_dict, dropped = fit_checkpoint(family.map_official_keys(state_dict, model), model)
+    state_dict = family.resample_to_model_grid(state_dict, model)
     model.load_state_dict(state_dict, strict=True)
     return {"dropped": dropped}

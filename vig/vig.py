@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -32,7 +33,15 @@ from torch.utils.checkpoint import checkpoint
 
 import vig_kernels
 
-from ._common import Permute, check_input, fp32_or_wider
+from ._common import (
+    Permute,
+    adopt_position_grid,
+    check_input,
+    first_conv_weights,
+    fit_checkpoint,
+    fp32_or_wider,
+    square_grid,
+)
 
 __all__ = ["ViG", "HierViG", "BiGLAMixer"]
 
@@ -174,7 +183,7 @@ class ViG(nn.Module):
         self.pos_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             GLABlock(embed_dim, num_heads, mlp_hidden_dim, act_in_conv, out_act, drop_path=rate) for rate in rates)
         self.norm = nn.RMSNorm(embed_dim, eps=1e-6)
@@ -218,14 +227,9 @@ class ViG(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint trained at another resolution brings its own position grid; adopting it is lossless since
-        # forward resamples to the input grid anyway (open_clip cannot pass img_size to timm towers).
-        stored = state_dict.get(prefix + "pos_embed")
-        if stored is not None and stored.shape[1] != self.pos_embed.shape[1]:
-            side = math.isqrt(stored.shape[1])
-            if side * side == stored.shape[1] and stored.shape[2] == self.embed_dim:
-                self.pos_embed = nn.Parameter(torch.empty_like(stored, device=self.pos_embed.device))
-                self.pos_grid = (side, side)
+        # A checkpoint trained at another resolution brings its own position grid (open_clip cannot pass img_size
+        # to timm towers).
+        adopt_position_grid(self, state_dict.get(prefix + "pos_embed"), prefix_tokens=0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.jit.ignore
@@ -388,7 +392,7 @@ class HierViG(nn.Module):
             nn.Conv2d(stem_dim, dims[0], kernel_size=3, stride=2, padding=1), Permute(0, 2, 3, 1),
             nn.LayerNorm(dims[0], eps=1e-5),
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         starts = [sum(depths[:i]) for i in range(len(depths))]
         self.layers = nn.ModuleList(
             HierViGStage(dim, depth, rates[start:start + depth], downsample=i < len(depths) - 1)
@@ -414,7 +418,7 @@ class HierViG(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^patch_embed",
-                    blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.downsample", (0,)),
+                    blocks=r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+)\.downsample", (99999,)),
                                                              (r"^layers\.(\d+)\.blocks\.(\d+)", None),
                                                              (r"^classifier\.norm", (99999,))])
 
@@ -483,19 +487,20 @@ class HierViG(nn.Module):
         x = self.classifier.norm(x.permute(0, 2, 3, 1))
         if self.global_pool == "avg":
             x = x.mean(dim=(1, 2))
-        else:
-            x = x.permute(0, 3, 1, 2)
         x = self.head_drop(x)
-        return x if pre_logits else self.classifier.head(x)
+        if not pre_logits:
+            x = self.classifier.head(x)
+        # Without pooling the head acts on every position (as timm's 1x1-conv heads do), NCHW in and out.
+        return x if self.global_pool == "avg" else x.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """Stage outputs (before each downsample) as NCHW maps at strides 4, 8, 16, 32."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"ViG-H returns NCHW feature maps, got output_fmt={output_fmt!r}")
+        """Stage outputs (before each downsample) at strides 4, 8, 16, 32, as NCHW maps or NLC tokens."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         check_input(x, self.in_chans, self.patch_size, type(self).__name__)
         x = self.patch_embed(x)
@@ -505,7 +510,7 @@ class HierViG(nn.Module):
             x = self.run_stage(stage, x)
             if i in take_indices:
                 y = self.classifier.norm(x) if norm and i == len(self.layers) - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2))
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == "NCHW" else y.flatten(1, 2))
             x = stage.downsample(x)
         if intermediates_only:
             return intermediates
@@ -514,7 +519,13 @@ class HierViG(nn.Module):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
+        if max_index < len(self.layers) - 1:
+            # The last kept stage now ends the network: no downsample after it, and the final norm, whose width
+            # is the last stage's, cannot apply.
+            self.layers = self.layers[:max_index + 1]
+            self.layers[-1].downsample = nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.classifier.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
         if prune_norm:
@@ -532,12 +543,11 @@ _HIER_LEGACY_RENAMES = (
 )
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Map an official ViG or ViG-H state dict onto this implementation.
+def map_official_keys(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Official ViG or ViG-H names onto this implementation's.
 
-    Plain ViG needs nothing (the names are identical and ``pos_embed`` is resized at run time). ViG-H applies
-    the renames of the official ``HierViG._load_from_state_dict`` and views ``Linear2d`` weights stored as
-    ``(out, in, 1, 1)`` as ``(out, in)``.
+    Plain ViG needs nothing (the names are identical). ViG-H applies the renames of the official
+    ``HierViG._load_from_state_dict`` and views ``Linear2d`` weights stored as ``(out, in, 1, 1)`` as ``(out, in)``.
     """
     if not isinstance(model, HierViG):
         return dict(state_dict)
@@ -553,9 +563,34 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     return out
 
 
+def resample_to_model_grid(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain-ViG checkpoint's ``pos_embed`` of another (square) grid, resampled bicubically to the model's."""
+    stored = state_dict.get("pos_embed")
+    if isinstance(model, ViG) and stored is not None and stored.shape != model.pos_embed.shape:
+        grid = square_grid(stored.shape[1], type(model).__name__)
+        state_dict["pos_embed"] = resample_abs_pos_embed(stored, list(model.pos_grid), list(grid), num_prefix_tokens=0,
+                                                         antialias=False)
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
+                         img_size: int | tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """timm's pretrained filter for official or exported weights: the official names, the classifier fitted to
+    ``num_classes`` (kept, dropped or freshly initialised) and every other key checked (``fit_checkpoint``).
+
+    ``img_size`` is the ``create_model`` argument: when given, a plain-ViG ``pos_embed`` of another grid is
+    resampled to it once, as timm does; when not, the model adopts the checkpoint's grid, which is lossless.
+    """
+    # timm adapts the stem to another in_chans after this filter.
+    state_dict, _ = fit_checkpoint(map_official_keys(state_dict, model), model,
+                                   shape_may_differ=first_conv_weights(model))
+    return resample_to_model_grid(state_dict, model) if img_size is not None else state_dict
+
+
 def _create(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     out_indices = kwargs.pop("out_indices", (3, 5, 7, 11) if model_cls is ViG else (0, 1, 2, 3))
-    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+    return build_model_with_cfg(model_cls, variant, pretrained,
+                                pretrained_filter_fn=partial(checkpoint_filter_fn, img_size=kwargs.get("img_size")),
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 

@@ -12,6 +12,8 @@ the equivalent anti-causal conv, so nothing is flipped), and any input size divi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 import vig_kernels
 
-from ._common import check_input, fp32_or_wider
+from ._common import adopt_position_grid, check_input, first_conv_weights, fit_checkpoint, fp32_or_wider, square_grid
 
 __all__ = ["Vim", "BiMambaMixer"]
 
@@ -142,7 +144,7 @@ class Vim(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1] + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         incoming_rates = [0.0] + rates
         self.layers = nn.ModuleList(VimLayer(embed_dim, drop_path=incoming_rates[i]) for i in range(depth))
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
@@ -197,14 +199,8 @@ class Vim(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint trained at another resolution brings its own position grid (square plus the class entry);
-        # adopting it is lossless since forward resamples to the input grid anyway.
-        stored = state_dict.get(prefix + "pos_embed")
-        if stored is not None and stored.shape[1] != self.pos_embed.shape[1]:
-            side = math.isqrt(stored.shape[1] - 1)
-            if side * side == stored.shape[1] - 1 and stored.shape[2] == self.embed_dim:
-                self.pos_embed = nn.Parameter(torch.empty_like(stored, device=self.pos_embed.device))
-                self.pos_grid = (side, side)
+        # A checkpoint trained at another resolution brings its own position grid (plus the class entry).
+        adopt_position_grid(self, state_dict.get(prefix + "pos_embed"), prefix_tokens=1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.jit.ignore
@@ -284,7 +280,8 @@ class Vim(nn.Module):
         return self.norm_stream(residual + fp32_or_wider(self.drop_path(hidden)))
 
     def norm_stream(self, stream: torch.Tensor) -> torch.Tensor:
-        return self.norm_f(stream.to(self.norm_f.weight.dtype))
+        weight = getattr(self.norm_f, "weight", None)  # None once prune_intermediate_layers removed the norm
+        return self.norm_f(stream if weight is None else stream.to(weight.dtype))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens ``[B, M + 1, D]`` with the class token at index ``M // 2``."""
@@ -344,21 +341,36 @@ class Vim(nn.Module):
         return take_indices
 
 
-def checkpoint_filter_fn(state_dict: dict, model: Vim) -> dict:
-    """Resize a checkpoint's ``pos_embed`` (square grid plus middle class entry) to the model's grid."""
-    out = dict(state_dict)
-    pos_embed = out.get("pos_embed")
-    if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
-        side = math.isqrt(pos_embed.shape[1] - 1)
-        if side * side != pos_embed.shape[1] - 1:
-            raise ValueError(f"pos_embed of shape {tuple(pos_embed.shape)} is not a square grid plus a class token")
-        out["pos_embed"] = resize_pos_embed(pos_embed, model.pos_grid, (side, side))
-    return out
+def map_official_keys(state_dict: Mapping[str, torch.Tensor], model: Vim) -> dict[str, torch.Tensor]:
+    """Official Vim names onto this implementation's: they are identical."""
+    return dict(state_dict)
+
+
+def resample_to_model_grid(state_dict: dict[str, torch.Tensor], model: Vim) -> dict[str, torch.Tensor]:
+    """A checkpoint's ``pos_embed`` of another (square) grid, resized to the model's around its class entry."""
+    stored = state_dict.get("pos_embed")
+    if stored is not None and stored.shape != model.pos_embed.shape:
+        grid = square_grid(stored.shape[1] - 1, type(model).__name__)
+        state_dict["pos_embed"] = resize_pos_embed(stored, model.pos_grid, grid)
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: Vim,
+                         img_size: int | tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """timm's pretrained filter: the classifier fitted to ``num_classes`` and every other key checked
+    (``fit_checkpoint``). ``img_size`` is the ``create_model`` argument: when given, a ``pos_embed`` of another grid
+    is resampled to it once (around its class entry), as timm does; when not, the model adopts the checkpoint's
+    grid, which is lossless."""
+    # timm adapts the stem to another in_chans after this filter.
+    state_dict, _ = fit_checkpoint(map_official_keys(state_dict, model), model,
+                                   shape_may_differ=first_conv_weights(model))
+    return resample_to_model_grid(state_dict, model) if img_size is not None else state_dict
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> Vim:
     out_indices = kwargs.pop("out_indices", (5, 11, 17, 23))
-    return build_model_with_cfg(Vim, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+    return build_model_with_cfg(Vim, variant, pretrained,
+                                pretrained_filter_fn=partial(checkpoint_filter_fn, img_size=kwargs.get("img_size")),
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
