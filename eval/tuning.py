@@ -20,7 +20,7 @@ from pretrain.atomic import atomic_directory, write_atomically
 from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import ShardLoader
 from pretrain.guards import NonFiniteGuard, StopSignal
-from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.optim import build_optimizer, build_scheduler, scaled_lr, warmup_updates
 from pretrain.recipe import save_recipe
 from pretrain.tracking import Throughput, Tracker, progress_bar
 
@@ -43,7 +43,7 @@ def build_schedule(recipe, model: nn.Module, loader: ShardLoader, num_processes:
     global_batch = optim.batch_size * optim.accum_steps * num_processes
     lr = optim.lr or scaled_lr(optim.base_lr, global_batch)
     optimizer = build_optimizer(model, lr, optim.weight_decay, optim.betas, optim.eps, layer_decay=layer_decay)
-    warmup = optim.warmup_steps if optim.warmup_steps is not None else optim.warmup_epochs * updates_per_epoch
+    warmup = warmup_updates(optim, updates_per_epoch)
     scheduler = build_scheduler(optimizer, total_updates, warmup, optim.min_lr)
     return Schedule(optimizer, scheduler, lr, updates_per_epoch, total_updates, global_batch)
 

@@ -36,7 +36,7 @@ from pretrain.contrastive import (
 )
 from pretrain.data import DeviceNormalize, build_loader
 from pretrain.guards import NonFiniteGuard, StopSignal
-from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.optim import build_optimizer, build_scheduler, scaled_lr, warmup_updates
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import CLIPRecipe
 from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     accum = recipe.optim.accum_steps
     updates_per_epoch = max(1, loader.steps_per_epoch // accum)
     total_updates = recipe.optim.epochs * updates_per_epoch
-    warmup = recipe.optim.warmup_steps if recipe.optim.warmup_steps is not None else \
-        recipe.optim.warmup_epochs * updates_per_epoch
+    warmup = warmup_updates(recipe.optim, updates_per_epoch)
     global_batch = recipe.optim.batch_size * accum * accelerator.num_processes
     lr = recipe.optim.lr or scaled_lr(recipe.optim.base_lr, global_batch)
     optimizer = build_optimizer(model, lr, recipe.optim.weight_decay, recipe.optim.betas, recipe.optim.eps)

@@ -24,7 +24,7 @@ from pretrain.data import DeviceNormalize, build_loader
 from pretrain.export import export_timm, sub_state_dict
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.masked_autoencoder import MaskedAutoencoder
-from pretrain.optim import build_optimizer, build_scheduler, scaled_lr
+from pretrain.optim import build_optimizer, build_scheduler, scaled_lr, warmup_updates
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import MAERecipe
 from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     global_batch = recipe.optim.batch_size * recipe.optim.accum_steps * accelerator.num_processes
     lr = recipe.optim.lr or scaled_lr(recipe.optim.base_lr, global_batch)
     optimizer = build_optimizer(model, lr, recipe.optim.weight_decay, recipe.optim.betas, recipe.optim.eps)
-    scheduler = build_scheduler(optimizer, total_updates, recipe.optim.warmup_epochs * updates_per_epoch,
+    scheduler = build_scheduler(optimizer, total_updates, warmup_updates(recipe.optim, updates_per_epoch),
                                 recipe.optim.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.

@@ -42,6 +42,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=betas, eps=eps)
 
 
+def warmup_updates(optim, updates_per_epoch: int) -> int:
+    """The recipe's warm-up in optimizer updates: ``optim.warmup_steps`` when set, else ``optim.warmup_epochs``."""
+    return optim.warmup_steps if optim.warmup_steps is not None else optim.warmup_epochs * updates_per_epoch
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                     min_lr: float = 0.0) -> CosineLRScheduler:
     """Linear warm-up from 0 over ``warmup_steps`` updates, then a half cosine to ``min_lr`` at ``total_steps``.

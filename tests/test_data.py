@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
+import signal
 import tarfile
 import time
 from collections import Counter
@@ -598,3 +600,33 @@ def test_epochs_advance_and_reshuffle_and_state_checks_the_layout(tmp_path, digi
         other.load_state_dict(loader.state_dict())
     other.load_state_dict(loader.state_dict(), strict=False)
     assert other.epoch == 2
+
+
+def test_a_samples_augmentation_depends_on_the_sample_not_the_worker(tmp_path, digits):
+    write_digit_shards(tmp_path, digits, 48, per_shard=8)
+
+    def augmented(workers: int) -> list[dict[str, torch.Tensor]]:
+        loader = build_loader(tmp_path, "mae", 4, 8, num_workers=workers, shuffle_buffer=0, seed=3, with_keys=True)
+        return [{key: image for images, keys in loader for key, image in zip(keys, images)} for _ in range(2)]
+
+    one, two = augmented(1), augmented(2)
+    assert len(one[0]) == 48 and one[0].keys() == two[0].keys()
+    for epoch in range(2):
+        assert all(torch.equal(one[epoch][key], two[epoch][key]) for key in one[0])
+    # the crops are random: another epoch crops the same sample differently
+    assert sum(not torch.equal(one[0][key], one[1][key]) for key in one[0]) > 40
+
+
+def test_sigterm_to_the_process_group_leaves_the_workers_running(tmp_path, digits):
+    # Slurm signals every process of the job; the trainer's main process must outlive its workers' share of it.
+    write_digit_shards(tmp_path, digits, 48, per_shard=8)
+    loader = build_loader(tmp_path, "mae", 4, 8, num_workers=2, shuffle_buffer=0, start_next_epoch_early=False)
+    batches = iter(loader)
+    next(batches)
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    assert sum(1 for _ in batches) == len(loader) - 1

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.models.vision_transformer import Block
 from torch._dynamo.utils import counters
 from two_processes import run_two_processes
@@ -81,15 +82,27 @@ def test_misspelled_recipe_key_fails_before_training(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_warmup_steps_override_warmup_epochs(digits, tmp_path):
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, tmp_path, **{"train.max_steps": 2, "optim.warmup_steps": 1})])
+    events = EventAccumulator(str(tmp_path / "logs" / "mae"))
+    events.Reload()
+    lrs = [event.value for event in events.Scalars("lr")]
+    # one warm-up update from 0, then the peak (warmup_epochs=1 would still be at 1/12 of it)
+    assert lrs == pytest.approx([0.0, 1e-3 * 16 / 256])
+
+
 def final_encoder(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "encoder" / "model.safetensors"))
 
 
-def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path, workers):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, straight, **{"train.max_steps": 4})])
-    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 2})])
-    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 4})])
+    # With workers, augmentations are seeded per sample (not from the resume point) and must come back too.
+    options = {"data.num_workers": workers}
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, straight, **{"train.max_steps": 4, **options})])
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 2, **options})])
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, **{"train.max_steps": 4, **options})])
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     # Model, optimizer, scheduler, RNG and data position all came back: the weights are bit-identical.
     for key, value in final_encoder(straight).items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -22,6 +23,13 @@ logger = logging.getLogger(__name__)
 KEPT_BAD_SAMPLES = 1000  # records kept for inspection; all are counted
 LOGGED_BAD_SAMPLES = 20
 THROUGHPUT_WINDOW = 50  # batches
+
+
+def _leave_termination_to_the_main_process(worker_id: int) -> None:
+    """Slurm and Kubernetes send SIGTERM to the whole process group: a worker that died of it would crash the
+    main process's DataLoader before the trainer could save its stop checkpoint. The main process handles the
+    signal and shuts its workers down; a worker whose parent dies exits by itself (PyTorch's watchdog)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ShardLoader:
@@ -116,8 +124,9 @@ class ShardLoader:
             batch_size=None,  # workers deliver whole batches
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            generator=generator,  # seeds the workers' augmentation RNGs
+            generator=generator,  # seeds the workers' RNGs; augmentations reseed per sample (_seed_each_sample)
             in_order=True,  # the resume position assumes round-robin delivery (see layout)
+            worker_init_fn=_leave_termination_to_the_main_process,
         ))
 
     def set_epoch(self, epoch: int) -> None:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from webdataset.utils import make_seed, pytorch_worker_info
@@ -141,6 +144,8 @@ class WorkerStream(torch.utils.data.IterableDataset):
             self._shuffle(_complete_samples(_read_pieces(pieces, bad), self._required_keys(), bad), rng)
             for pieces in passes
         )
+        if torch.utils.data.get_worker_info() is not None:
+            shuffled = _seed_each_sample(shuffled, config.seed, self.epoch)
         yield from itertools.islice(self._deliveries(shuffled, bad), quota - already)
         if bad.pending:
             yield Delivery(None, 0, bad.drain())
@@ -173,6 +178,20 @@ class WorkerStream(torch.utils.data.IterableDataset):
         if not config.shuffle or config.shuffle_buffer < 2:
             return samples
         return wds.shuffle(config.shuffle_buffer, config.shuffle_buffer, rng=rng)(samples)
+
+
+def _seed_each_sample(samples: Iterable[dict], seed: int, epoch: int) -> Iterator[dict]:
+    """Reseed the RNGs augmentations draw from (torch, ``random``, numpy) before each sample is transformed, from
+    the sample's identity: its augmentation then depends on (seed, epoch, shard name, key) alone, not on the worker
+    that reads it or on where a run resumed. Only in DataLoader workers, whose RNGs serve nothing else."""
+    for sample in samples:
+        identity = f"{os.path.basename(sample['__url__'])}/{sample['__key__']}".encode()
+        # Ints only: make_seed hashes its arguments, and str hashes differ between processes.
+        sample_seed = make_seed(seed, epoch, zlib.crc32(identity))
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        yield sample
 
 
 def _read_pieces(pieces: Iterable[Piece], bad: _BadLog) -> Iterator[dict]:
