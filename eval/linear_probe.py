@@ -68,14 +68,18 @@ def train_head(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, e
     nn.init.trunc_normal_(head[1].weight, std=0.01)
     nn.init.zeros_(head[1].bias)
     optimizer = Lars(head.parameters(), lr=base_lr * batch_size / 256, momentum=0.9, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    if len(train_x) < 2:
+        raise ValueError(f"the linear probe needs at least 2 training samples for its BatchNorm, got {len(train_x)}")
+    # A last batch of one sample is left out of each epoch: BatchNorm cannot normalise a single feature vector.
+    batch_starts = [start for start in range(0, len(train_x), batch_size) if len(train_x) - start > 1]
+    steps_per_epoch = len(batch_starts)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     peak = optimizer.param_groups[0]["lr"]
     step = 0
     head.train()
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator)
-        for start in range(0, len(train_x), batch_size):
+        for start in batch_starts:
             index = order[start:start + batch_size]
             progress = (step - warmup) / (total - warmup)
             scale = step / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * progress))

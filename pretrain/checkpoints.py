@@ -172,6 +172,28 @@ class CheckpointManager:
                 shutil.rmtree(path)
 
 
+def load_for_export(accelerator: Accelerator, model, optimizer, directory: str | Path, checkpoint: str | Path):
+    """Prepare ``model`` and ``optimizer`` (DeepSpeed's engine reads its weight shards through both) and load
+    ``checkpoint`` into them, for exporting. Nothing else is registered, so the data loader and LR schedule the run
+    saved stay unread: an export needs neither the training data nor its layout. Returns the prepared model."""
+    model, _ = accelerator.prepare(model, optimizer)
+    # load_state restores registered objects by position and insists on as many as were saved.
+    for _ in Path(checkpoint).glob("custom_checkpoint_*.pkl"):
+        accelerator.register_for_checkpointing(_Unread())
+    CheckpointManager(accelerator, directory).resume(checkpoint)
+    return model
+
+
+class _Unread:
+    """Stands in for a saved object that an export does not need."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically; an interrupted write leaves only an ignored ``.tmp`` file."""
     atomic.write_atomically(path, data, temp_suffix=IN_PROGRESS_SUFFIX)

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from eval.zeroshot import load_class_names, load_templates, zero_shot
-from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.checkpoints import CheckpointManager, TrainState, load_for_export
 from pretrain.compiling import compile_blocks
 from pretrain.contrastive import (
     ContrastiveModel,
@@ -108,6 +108,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         clip_model.visual.set_grad_checkpointing(True)
     model = ContrastiveModel(clip_model, lock_text=recipe.model.lock_text, text_cache_size=recipe.model.text_cache_size)
     compile_blocks(model, recipe.train.compile)
+    export_dir = Path(args.export_to or run_dir / "export")
+    if args.export_from:
+        optimizer = build_optimizer(model, recipe.optim.lr or recipe.optim.base_lr, recipe.optim.weight_decay,
+                                    recipe.optim.betas, recipe.optim.eps)
+        model = load_for_export(accelerator, model, optimizer, run_dir / "checkpoints", args.export_from)
+        export_model(accelerator, model, model_cfg, export_dir)
+        return None
     tokenizer = clip_tokenizer(model_cfg)
     preprocess = open_clip.get_model_preprocess_cfg(clip_model)
     loader = build_loader(recipe.data.train_shards, "clip", recipe.optim.batch_size, recipe.model.image_size,
@@ -135,12 +142,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     for stateful in (state, loader, scheduler, guard):
         accelerator.register_for_checkpointing(stateful)
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
-    export_dir = Path(args.export_to or run_dir / "export")
-
-    if args.export_from:
-        checkpoints.resume(args.export_from)
-        export_model(accelerator, model, model_cfg, export_dir)
-        return None
 
     zeroshot = None
     if recipe.data.val_shards:

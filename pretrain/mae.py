@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torchvision.utils import make_grid
 
-from pretrain.checkpoints import CheckpointManager, TrainState
+from pretrain.checkpoints import CheckpointManager, TrainState, load_for_export
 from pretrain.compiling import compile_blocks
 from pretrain.data import DeviceNormalize, build_loader
 from pretrain.export import export_timm, sub_state_dict
@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     if recipe.train.grad_checkpointing:
         model.encoder.set_grad_checkpointing(True)
     compile_blocks(model, recipe.train.compile)
+    if args.export_from:
+        optimizer = build_optimizer(model, recipe.optim.lr or recipe.optim.base_lr, recipe.optim.weight_decay,
+                                    recipe.optim.betas, recipe.optim.eps)
+        model = load_for_export(accelerator, model, optimizer, run_dir / "checkpoints", args.export_from)
+        export_encoder(accelerator, model, recipe, Path(args.export_to or run_dir / "encoder"))
+        return
     data_cfg = model.encoder.pretrained_cfg
     loader = build_loader(recipe.data.train_shards, "mae", recipe.optim.batch_size, recipe.model.img_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -87,12 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     for stateful in (state, loader, scheduler, guard):
         accelerator.register_for_checkpointing(stateful)
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)
-
-    if args.export_from:
-        checkpoints.resume(args.export_from)
-        export_encoder(accelerator, model, recipe, Path(args.export_to or run_dir / "encoder"))
-        return
-
     checkpoints.resume(recipe.train.resume)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -116,10 +116,16 @@ def test_resume_continues_from_the_checkpoint(digits, tiny_config, tmp_path):
     clip.main([str(DEMO_RECIPE), *tiny_overrides(digits, straight, tiny_config, **overrides)])
     clip.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, tiny_config, **overrides, **{"train.max_steps": 4})])
     clip.main([str(DEMO_RECIPE), *tiny_overrides(digits, resumed, tiny_config, **overrides)])
+    # an export from the last checkpoint needs neither the data nor its layout
+    exported = tmp_path / "exported"
+    clip.main([str(DEMO_RECIPE), *tiny_overrides(tmp_path / "moved", resumed, tiny_config, **overrides),
+               "data.num_workers=2", "--export-from", str(resumed / "checkpoints" / "step_00000008"),
+               "--export-to", str(exported)])
     first = open_clip.create_model(f"local-dir:{straight / 'export'}")
-    second = open_clip.create_model(f"local-dir:{resumed / 'export'}")
-    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    for folder in (resumed / "export", exported):
+        second = open_clip.create_model(f"local-dir:{folder}")
+        for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
 def test_contrastive_accumulation_matches_one_big_batch():

@@ -108,6 +108,12 @@ def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path, workers):
     for key, value in final_encoder(straight).items():
         torch.testing.assert_close(final_encoder(resumed)[key], value, rtol=0, atol=0, msg=key)
     assert (resumed / "recipe.yaml").is_file() and list((resumed / "images").glob("reconstruction_*.png"))
+    # Exporting a checkpoint needs neither the training data nor its loader layout.
+    exported = tmp_path / "exported"
+    mae.main([str(resumed / "recipe.yaml"), f"data.train_shards={tmp_path / 'moved'}", "data.num_workers=3",
+              "--export-from", str(resumed / "checkpoints" / "step_00000004"), "--export-to", str(exported)])
+    for key, value in final_encoder(straight).items():
+        torch.testing.assert_close(load_file(str(exported / "model.safetensors"))[key], value, rtol=0, atol=0, msg=key)
 
 
 @pytest.mark.parametrize("encoder, mode", [("vig_tiny", "visible"), ("vim_tiny", "visible"),
@@ -202,6 +208,17 @@ def test_linear_probe_separates_digits(digits, tmp_path):
     assert result["top1"] > 40.0  # ten classes: chance is 10 %
     assert result["top5"] >= result["top1"]
     assert json.loads((tmp_path / "probe.json").read_text())["top1"] == result["top1"]
+
+
+def test_linear_probe_takes_any_training_set_size():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(65) % 2
+    features = torch.randn(65, 8, generator=generator) + 3 * labels[:, None]  # 65 = one batch of 64 and one of 1
+    head = linear_probe.train_head(features, labels, 2, epochs=5, batch_size=64, base_lr=0.1, warmup_epochs=1, seed=0)
+    assert (head(features).argmax(1) == labels).float().mean() > 0.9
+    with pytest.raises(ValueError, match="at least 2 training samples"):
+        linear_probe.train_head(features[:1], labels[:1], 2, epochs=1, batch_size=64, base_lr=0.1, warmup_epochs=0,
+                                seed=0)
 
 
 @pytest.mark.slow
