@@ -37,7 +37,7 @@ from eval.tuning import (
 from pretrain.compiling import compile_blocks
 from pretrain.data import read_dataset_info
 from pretrain.data.detection import build_detection_loader
-from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.recipe import NonNegativeInt, PositiveInt, load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import DataSection, FinetuneOptimSection, FinetuneTrainSection
 from pretrain.tracking import Tracker, build_accelerator
 
@@ -46,18 +46,18 @@ from pretrain.tracking import Tracker, build_accelerator
 class DetectModelSection:
     encoder: str = ""
     """An exported tower folder (``config.json`` + ``model.safetensors``) or an architecture name (random init)."""
-    num_classes: int | None = None
+    num_classes: PositiveInt | None = None
     """Object classes, background not counted; None: the ``class_names`` of data.train_shards' ``dataset.json``."""
-    image_size: int = 1024
+    image_size: PositiveInt = 1024
     """Images are resized to fit this square and padded to it; the tower is built at this input size."""
-    fpn_dim: int = 256
-    box_head_dim: int = 1024
+    fpn_dim: PositiveInt = 256
+    box_head_dim: PositiveInt = 1024
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     """One anchor size (pixels) per FPN level, strides 4, 8, 16, 32, 64; ratios 0.5, 1, 2."""
-    detections_per_image: int = 100
-    proposals: int = 1000
+    detections_per_image: PositiveInt = 100
+    proposals: PositiveInt = 1000
     """RPN proposals kept per image at test time (twice as many in training)."""
-    rois_per_image: int = 512
+    rois_per_image: PositiveInt = 512
     """Proposals sampled per training image for the RoI heads' losses."""
     drop_path_rate: float = 0.1
     layer_decay: float = 0.7
@@ -74,9 +74,9 @@ class DetectOptimSection(FinetuneOptimSection):
     """ViTDet's COCO settings: AdamW (0.9, 0.999), LR 1e-4 for 64 images per update, weight decay 0.1."""
     lr: float | None = 1e-4
     weight_decay: float = 0.1
-    epochs: int = 100
-    warmup_epochs: int = 0
-    warmup_steps: int | None = 250
+    epochs: PositiveInt = 100
+    warmup_epochs: NonNegativeInt = 0
+    warmup_steps: NonNegativeInt | None = 250
     min_lr: float = 0.0
 
 

@@ -39,7 +39,7 @@ from eval.tuning import (
 from pretrain.compiling import compile_blocks
 from pretrain.data import read_dataset_info
 from pretrain.data.segmentation import IGNORE_INDEX, build_segmentation_loader
-from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.recipe import NonNegativeInt, PositiveInt, load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import DataSection, FinetuneOptimSection, FinetuneTrainSection
 from pretrain.tracking import Tracker, build_accelerator
 
@@ -48,11 +48,11 @@ from pretrain.tracking import Tracker, build_accelerator
 class SegmentModelSection:
     encoder: str = ""
     """An exported tower folder (``config.json`` + ``model.safetensors``) or an architecture name (random init)."""
-    num_classes: int | None = None
+    num_classes: PositiveInt | None = None
     """None: the ``class_names`` in the ``dataset.json`` of data.train_shards."""
-    crop_size: int = 512
+    crop_size: PositiveInt = 512
     """Training crop and evaluation size; the tower is built at this input size."""
-    decoder_dim: int = 256
+    decoder_dim: PositiveInt = 256
     dropout: float = 0.1
     drop_path_rate: float = 0.1
     layer_decay: float = 0.65
@@ -68,9 +68,9 @@ class SegmentAugmentSection:
 class SegmentOptimSection(FinetuneOptimSection):
     """BEiT's ADE20K settings: AdamW (0.9, 0.999), LR 1e-4 for 16 images per update, weight decay 0.05."""
     lr: float | None = 1e-4
-    epochs: int = 128
-    warmup_epochs: int = 0
-    warmup_steps: int | None = 1500
+    epochs: PositiveInt = 128
+    warmup_epochs: NonNegativeInt = 0
+    warmup_steps: NonNegativeInt | None = 1500
     min_lr: float = 0.0
 
 

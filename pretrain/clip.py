@@ -96,6 +96,9 @@ def train_update(accelerator: Accelerator, model: torch.nn.Module, loss_fn: torc
 def main(argv: list[str] | None = None) -> dict | None:
     args = trainer_arguments(argv, __doc__, "model", "export")
     recipe = load_recipe(args.recipe, CLIPRecipe, args.overrides)
+    if not recipe.data.train_shards and not args.export_from:
+        raise ValueError("data.train_shards is empty: name the image-text training shards (a folder written by "
+                         "python -m pretrain.data, or a brace pattern)")
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed, device_specific=True)

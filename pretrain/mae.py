@@ -54,6 +54,9 @@ def image_grid(model: MaskedAutoencoder, images: torch.Tensor, prediction: torch
 def main(argv: list[str] | None = None) -> None:
     args = trainer_arguments(argv, __doc__, "encoder", "encoder")
     recipe = load_recipe(args.recipe, MAERecipe, args.overrides)
+    if not recipe.data.train_shards and not args.export_from:
+        raise ValueError("data.train_shards is empty: name the training shards (a folder written by "
+                         "python -m pretrain.data, or a brace pattern)")
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed, device_specific=True)

@@ -17,9 +17,9 @@ from functools import partial
 
 import timm
 import torch
-from torch import nn
 from timm.layers import build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
+from torch import nn
 
 import vig  # noqa: F401  (registers the encoders with timm)
 
@@ -61,6 +61,9 @@ class MaskedAutoencoder(nn.Module):
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        if encoder not in timm.list_models():
+            raise ValueError(f"model.encoder={encoder!r} is not a registered architecture; this project's: "
+                             f"{', '.join(vig.MODEL_NAMES)}")
         self.encoder = timm.create_model(encoder, num_classes=0, img_size=img_size, in_chans=in_chans,
                                          drop_path_rate=drop_path_rate)
         if mask_mode == "visible" and isinstance(self.encoder, vig.HierViG):

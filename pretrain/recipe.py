@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
 
@@ -28,6 +28,17 @@ COMMAND_LINE = "command line"
 
 class RecipeError(ValueError):
     """A recipe file or override does not match its schema; the message names the source and the dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AtLeast:
+    """A lower bound on a numeric recipe field, as ``Annotated[int, AtLeast(1)]``."""
+
+    minimum: int | float
+
+
+PositiveInt = Annotated[int, AtLeast(1)]
+NonNegativeInt = Annotated[int, AtLeast(0)]
 
 
 def load_recipe(path: str | Path, schema: type[T], overrides: Sequence[str] = ()) -> T:
@@ -165,7 +176,7 @@ def _build(schema: type, values: Any, key: str, origin: _Origin) -> Any:
         raise RecipeError(f"{origin.of(key)}: {section} must be a mapping of keys ({schema.__name__}), "
                           f"got {_describe(values)}")
     fields = {field.name: field for field in dataclasses.fields(schema) if field.init}
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     for name in values:
         if name not in fields:
             dotted = _join(key, str(name))
@@ -184,7 +195,7 @@ def _build(schema: type, values: Any, key: str, origin: _Origin) -> Any:
 
 def _dotted_keys(schema: type, prefix: str) -> list[str]:
     keys = []
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     for field in dataclasses.fields(schema):
         if not field.init:
             continue
@@ -203,9 +214,17 @@ def _convert(value: Any, annotation: Any, key: str, origin: _Origin) -> Any:
         return value
     if origin_type in (typing.Union, types.UnionType):
         return _convert_union(value, arguments, annotation, key, origin)
+    if origin_type is Annotated:
+        converted = _convert(value, arguments[0], key, origin)
+        for bound in arguments[1:]:
+            if isinstance(bound, AtLeast) and converted < bound.minimum:
+                raise RecipeError(f"{origin.of(key)}: '{key}' must be at least {bound.minimum}, got {converted!r}")
+        return converted
     if origin_type is typing.Literal:
         if any(value == choice and type(value) is type(choice) for choice in arguments):
             return value
+        if value is False and "no" in arguments:
+            return "no"  # YAML 1.1 reads an unquoted no as false
         raise _type_error(key, f"one of {', '.join(repr(choice) for choice in arguments)}", value, origin)
     if dataclasses.is_dataclass(annotation):
         return _build(annotation, value, key, origin)
@@ -290,6 +309,9 @@ def _describe(value: Any) -> str:
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Annotated:
+        base, *bounds = typing.get_args(annotation)
+        return " ".join([_type_name(base), *(f">= {bound.minimum}" for bound in bounds if isinstance(bound, AtLeast))])
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     return str(annotation).replace("typing.", "")

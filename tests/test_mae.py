@@ -80,6 +80,10 @@ def test_misspelled_recipe_key_fails_before_training(tmp_path):
     with pytest.raises(RecipeError, match=r"optim\.lrr.*optim\.lr"):
         mae.main([str(DEMO_RECIPE), "optim.lrr=1e-3", f"train.output_dir={tmp_path}"])
     assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(ValueError, match="data.train_shards is empty"):
+        mae.main([str(DEMO_RECIPE), "data.train_shards=''", f"train.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"model\.encoder='vig_tinyy' is not a registered architecture.*vig_tiny"):
+        MaskedAutoencoder("vig_tinyy")
 
 
 def test_warmup_steps_override_warmup_epochs(digits, tmp_path):
