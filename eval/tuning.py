@@ -61,6 +61,7 @@ def prepare_training(accelerator: Accelerator, recipe, model: nn.Module, schedul
                          "data.val_shards empty and evaluate the exported model")
     state = TrainState()
     guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
+    loader.strict_resume = recipe.train.resume_data == "exact"
     for stateful in (state, loader, schedule.scheduler, guard):
         accelerator.register_for_checkpointing(stateful)
     return model, state, guard, CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)

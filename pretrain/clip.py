@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                          local_loss=recipe.model.local_loss, gather_with_grad=recipe.model.gather_with_grad)
     state = TrainState()
     guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
+    loader.strict_resume = recipe.train.resume_data == "exact"
     for stateful in (state, loader, scheduler, guard):
         accelerator.register_for_checkpointing(stateful)
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)

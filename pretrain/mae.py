@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     input_dtype = next(model.parameters()).dtype
     state = TrainState()
     guard = NonFiniteGuard(recipe.train.max_nonfinite, accelerator)
+    loader.strict_resume = recipe.train.resume_data == "exact"
     for stateful in (state, loader, scheduler, guard):
         accelerator.register_for_checkpointing(stateful)
     checkpoints = CheckpointManager(accelerator, run_dir / "checkpoints", recipe.train.keep_checkpoints)

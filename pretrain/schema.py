@@ -57,6 +57,10 @@ class TrainSection:
     keep_checkpoints: PositiveInt = 3
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in ``output_dir`` if any), ``none``, or a checkpoint path."""
+    resume_data: Literal["exact", "continue"] = "exact"
+    """``exact``: resuming needs the data layout the checkpoint was saved with (shards, world size, workers, batch
+    size, seed), which keeps the resumed epoch's samples exact; ``continue``: resume after such a change anyway (the
+    epoch and step carry on; the resumed epoch may repeat or skip samples)."""
     max_nonfinite: PositiveInt = 10
     """Stop with an error after this many consecutive steps with a NaN/Inf loss."""
     grad_checkpointing: bool = False

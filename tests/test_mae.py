@@ -95,6 +95,15 @@ def test_warmup_steps_override_warmup_epochs(digits, tmp_path):
     assert lrs == pytest.approx([0.0, 1e-3 * 16 / 256])
 
 
+def test_resume_after_a_layout_change_needs_resume_data_continue(digits, tmp_path):
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, tmp_path, **{"train.max_steps": 2})])
+    more_workers = tiny_overrides(digits, tmp_path, **{"train.max_steps": 3, "data.num_workers": 2})
+    with pytest.raises(ValueError, match=r"num_workers saved 1, now 2.*train\.resume_data=continue"):
+        mae.main([str(DEMO_RECIPE), *more_workers])
+    mae.main([str(DEMO_RECIPE), *more_workers, "train.resume_data=continue"])
+    assert (tmp_path / "checkpoints" / "step_00000003").is_dir()
+
+
 def final_encoder(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "encoder" / "model.safetensors"))
 

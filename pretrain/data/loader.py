@@ -50,6 +50,9 @@ class ShardLoader:
         # batches of the current epoch are consumed hides that at the epoch boundary.
         self.start_next_epoch_early = start_next_epoch_early and num_workers > 0
         self._started_ahead: tuple[int, Iterator] | None = None  # (epoch, its deliveries), started ahead
+        # What load_state_dict does when the layout differs from the saved one (accelerate calls it without
+        # arguments): trainers set it from train.resume_data.
+        self.strict_resume = True
         self.epoch = 0
         self.batches_done = 0  # in the current epoch
         self.samples_seen = 0
@@ -141,20 +144,24 @@ class ShardLoader:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "samples_seen": self.samples_seen,
                 "layout": self._layout()}
 
-    def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
+    def load_state_dict(self, state: Mapping, strict: bool | None = None) -> None:
         """Continue from a saved position.
 
-        With ``strict`` the data, world size, workers, batch size and seed must match the saved run (the resume
-        guarantee depends on them); with ``strict=False`` a mismatch only loosens it: the epoch and step count
-        continue, but which samples repeat or are skipped in the resumed epoch is no longer bounded.
+        With ``strict`` (default: ``self.strict_resume``) the data, world size, workers, batch size and seed must
+        match the saved run (the resume guarantee depends on them); with ``strict=False`` a mismatch only loosens
+        it: the epoch and step count continue, but which samples repeat or are skipped in the resumed epoch is no
+        longer bounded.
         """
-        if strict:
-            saved = state["layout"]
-            changed = [f"{key} saved {saved.get(key)!r}, now {value!r}" for key, value in self._layout().items()
-                       if saved.get(key) != value]
-            if changed:
-                raise ValueError(f"loader state does not match this loader ({'; '.join(changed)}); "
-                                 "use load_state_dict(state, strict=False) to continue anyway")
+        saved = state["layout"]
+        changed = [f"{key} saved {saved.get(key)!r}, now {value!r}" for key, value in self._layout().items()
+                   if saved.get(key) != value]
+        if changed and (self.strict_resume if strict is None else strict):
+            raise ValueError(f"loader state does not match this loader ({'; '.join(changed)}): resume with the "
+                             "saved settings, or set train.resume_data=continue (load_state_dict(state, "
+                             "strict=False)) to continue anyway, without the guarantee on the resumed epoch's samples")
+        if changed:
+            logger.warning("resuming a loader whose layout changed (%s): the resumed epoch may repeat or skip "
+                           "samples", "; ".join(changed))
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
         self.samples_seen = int(state["samples_seen"])
         self._started_ahead = None
