@@ -141,6 +141,11 @@ class CheckpointManager:
             if not path.is_dir():
                 raise CheckpointError(f"checkpoint {path} does not exist")
             if not (path / MARKER).is_file():
+                holder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+                inside = CheckpointManager(self.accelerator, holder).checkpoints()
+                if inside:
+                    raise CheckpointError(f"{path} is not a checkpoint but holds them: name one, e.g. {inside[-1]}, "
+                                          "or set train.resume=auto with train.output_dir set to the run")
                 raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker: its save was "
                                       "interrupted); resume from another checkpoint")
         step = int(_marker(path)["step"])

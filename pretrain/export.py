@@ -27,6 +27,8 @@ def export_timm(state_dict: Mapping[str, torch.Tensor], architecture: str, out_d
         raise ValueError(f"{len(label_names)} label names for a head of {num_classes} classes")
     model = timm.create_model(architecture, num_classes=num_classes, **model_args)
     model.load_state_dict({k: v.detach().float().cpu() for k, v in state_dict.items()}, strict=True)
+    # The registered tag (in1k) names the official ImageNet weights, which these are not.
+    model.pretrained_cfg = {key: value for key, value in model.pretrained_cfg.items() if key != "tag"}
     if "img_size" in model_args:
         size = model_args["img_size"]
         height, width = (size, size) if isinstance(size, int) else size

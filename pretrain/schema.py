@@ -12,7 +12,8 @@ class DataSection:
     train_shards: str = ""
     """Shard directory, brace/glob pattern or ``::``-joined patterns of the training set."""
     val_shards: str | None = None
-    """Labelled shards for the evaluation run during or after training (optional)."""
+    """Labelled shards for the evaluation run during or after training (optional): CLIP's zero-shot
+    classification and fine-tuning's accuracy. MAE does not read it: probe its export with ``eval.linear_probe``."""
     resampled: bool = True
     """Draw shards with replacement (the open_clip default for large sets); False reads each sample once per epoch."""
     samples_per_epoch: PositiveInt | None = None

@@ -202,6 +202,7 @@ def test_exported_encoder_loads_into_timm_with_the_same_features(tmp_path):
                                checkpoint_path=str(folder / "model.safetensors")).eval()
     images = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(loaded(images), model.encoder(images), rtol=0, atol=0)
+    assert "tag" not in json.loads((folder / "config.json").read_text())["pretrained_cfg"]
     local = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     torch.testing.assert_close(local(images), model.encoder(images), rtol=0, atol=0)
     finetune = timm.create_model("vim_tiny", pretrained=True, num_classes=10, img_size=64,
