@@ -632,3 +632,14 @@ def test_sigterm_to_the_process_group_leaves_the_workers_running(tmp_path, digit
     time.sleep(0.5)
     assert all(worker.is_alive() for worker in workers)
     assert sum(1 for _ in batches) == len(loader) - 1
+
+
+def test_a_shard_longer_than_its_sizes_entry_is_named(tmp_path, digits, caplog):
+    write_digit_shards(tmp_path, digits, 20, per_shard=10)
+    sizes = load_json(tmp_path / "sizes.json")
+    first = sorted(sizes)[0]
+    (tmp_path / "sizes.json").write_text(json.dumps({**sizes, first: 6}))
+    loader = build_loader(tmp_path, "eval", 4, 8, num_workers=0, resampled=False)
+    with caplog.at_level("WARNING", logger="pretrain.data.stream"):
+        assert sum(len(labels) for _, labels in loader) == 16
+    assert f"{first} holds more samples than its sizes.json entry (6)" in caplog.text

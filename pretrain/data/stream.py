@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import random
 import zlib
@@ -23,6 +24,8 @@ from webdataset.utils import make_seed, pytorch_worker_info
 
 from .layout import Piece, epoch_order, epoch_worker_pieces, resampled_pieces, skip_samples, worker_quotas
 from .transforms import LABELLED_TASKS
+
+logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 REQUIRED_KEYS = {"mae": (), "clip": ("txt",), "classify": ("cls",), "eval": ("cls",)}
@@ -139,9 +142,10 @@ class WorkerStream(torch.utils.data.IterableDataset):
         quota = worker_quotas(config.steps_per_epoch, num_workers)[stream]
         rng = random.Random(make_seed(config.seed, self.epoch, config.rank, stream, self.batches_done))
         passes = self._passes(stream, num_workers, skip=already * config.batch_size)
+        shard_sizes = dict(zip(config.urls, config.sizes))
         # Each pass is shuffled on its own so that a refill pass starts only after the first one is used up.
         shuffled = itertools.chain.from_iterable(
-            self._shuffle(_complete_samples(_read_pieces(pieces, bad), self._required_keys(), bad), rng)
+            self._shuffle(_complete_samples(_read_pieces(pieces, bad, shard_sizes), self._required_keys(), bad), rng)
             for pieces in passes
         )
         if torch.utils.data.get_worker_info() is not None:
@@ -194,7 +198,7 @@ def _seed_each_sample(samples: Iterable[dict], seed: int, epoch: int) -> Iterato
         yield sample
 
 
-def _read_pieces(pieces: Iterable[Piece], bad: _BadLog) -> Iterator[dict]:
+def _read_pieces(pieces: Iterable[Piece], bad: _BadLog, shard_sizes: dict[str, int]) -> Iterator[dict]:
     for piece in pieces:
         errors: list[Exception] = []
         read = 0
@@ -203,6 +207,9 @@ def _read_pieces(pieces: Iterable[Piece], bad: _BadLog) -> Iterator[dict]:
             for sample in itertools.islice(samples, piece.start, piece.stop):
                 read += 1
                 yield sample
+            if piece.stop == shard_sizes.get(piece.url) and next(samples, None) is not None:
+                logger.warning("%s holds more samples than its sizes.json entry (%d): the rest are never read; "
+                               "write the shards again with python -m pretrain.data", piece.url, piece.stop)
         if read < piece.size:
             cause = f"{type(errors[-1]).__name__}: {errors[-1]}" if errors else "fewer samples than sizes.json says"
             lost = piece.size - read
