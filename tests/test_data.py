@@ -210,6 +210,22 @@ def test_shards_respect_the_byte_limit_and_unreadable_files_are_left_out(tmp_pat
         assert os.path.getsize(tmp_path / "shards" / name) <= 30_000
     assert sorted(os.path.basename(path) for path, _ in summary.skipped_files) == ["broken.png", "missing.png"]
     assert len(read_dataset_info(tmp_path / "shards")["skipped_files"]) == 2
+    assert "0x" not in json.dumps(read_dataset_info(tmp_path / "shards")["skipped_files"])  # no object addresses
+    with pytest.raises(ValueError, match=r"no readable samples .*none of the 1 images decodes \(first: .*broken"):
+        write_shards(samples[30:31], tmp_path / "unreadable", progress=False)
+    assert not (tmp_path / "unreadable" / "sizes.json").exists()
+
+
+def test_a_rewrite_removes_sizes_json_before_touching_a_shard(tmp_path, digits, monkeypatch):
+    write_digit_shards(tmp_path, digits, 20, per_shard=5)
+    assert (tmp_path / "sizes.json").exists()
+
+    def killed(task):
+        raise KeyboardInterrupt  # the rewrite dies at its first shard
+    monkeypatch.setattr("pretrain.data.writer._write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_digit_shards(tmp_path, digits, 20, per_shard=5, shuffle_seed=1)
+    assert not (tmp_path / "sizes.json").exists()  # the directory no longer claims to be complete
 
 
 # --- demo -----------------------------------------------------------------------------------------------------

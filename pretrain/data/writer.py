@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ..atomic import atomic_file
+from ..atomic import atomic_file, sync_directory
 from .shards import INFO_FILE, SIZES_FILE
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,11 @@ def write_shards(
 
     journal = _read_journal(out_dir)
     todo = [task for task in tasks if not _is_complete(task, journal)]
+    sizes_path = os.path.join(out_dir, SIZES_FILE)
+    if todo and os.path.exists(sizes_path):
+        # sizes.json marks a complete directory: it must go before any shard of it is rewritten.
+        os.remove(sizes_path)
+        sync_directory(out_dir)
     with tqdm(total=len(readable), unit="img", desc=out_dir, disable=not progress) as bar:
         bar.update(len(readable) - sum(len(task.samples) for task in todo))
 
@@ -137,6 +142,9 @@ def write_shards(
 
     sizes = {task.name: journal[task.name]["count"] for task in tasks}
     skipped += [tuple(entry) for task in tasks for entry in journal[task.name]["skipped"]]
+    if not sum(sizes.values()):
+        raise ValueError(f"no readable samples to write to {out_dir!r}: none of the {len(skipped)} images decodes "
+                         f"(first: {skipped[0][0]}: {skipped[0][1]})")
     info = {
         **(dataset_info or {}),
         "format": "webdataset",
@@ -284,7 +292,9 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
             try:
                 extension, data = _encode_image(sample.image)
             except (OSError, ValueError, Image.DecompressionBombError) as exn:
-                skipped.append((_describe(sample.image), f"{type(exn).__name__}: {exn}"))
+                # PIL names the in-memory file by its address, which would make dataset.json differ between runs.
+                reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(exn))
+                skipped.append((_describe(sample.image), f"{type(exn).__name__}: {reason}"))
                 continue
             tar.write({"__key__": key, extension: data, **_text_members(sample)})
             count += 1
