@@ -27,6 +27,7 @@ from pretrain.data import (
     caption_file_source,
     image_folder_source,
     read_dataset_info,
+    template_captions,
     write_demo,
     write_shards,
 )
@@ -159,6 +160,34 @@ def test_caption_file_shards_round_trip(tmp_path, digits, suffix):
         else:
             assert int(sample["cls"]) == labels[index]
         np.testing.assert_array_equal(pixels(sample["png"]), images[index])
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"image": "0.png", "caption": "a", "label": 1}\n{"image": "1.png",\n', r"captions\.jsonl:2: not a JSON object"),
+    ('[1, 2]\n', r"captions\.jsonl:1: expected a JSON object per line, got list"),
+    ('{"image": "0.png", "caption": "a", "label": 2.7}\n', r"captions\.jsonl:1: label 2\.7 is not an integer"),
+    ('{"image": "0.png", "caption": "a", "label": true}\n', r"captions\.jsonl:1: label True is not an integer"),
+    ('{"image": "0.png", "caption": "a", "label": [1]}\n', r"captions\.jsonl:1: label \[1\] is not an integer"),
+    ('{"image": "0.png", "caption": "a", "label": "-1"}\n', r"captions\.jsonl:1: label -1 is negative"),
+])
+def test_caption_file_rows_that_cannot_be_read_are_named(tmp_path, content, message):
+    (tmp_path / "captions.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        caption_file_source(tmp_path / "captions.jsonl")
+
+
+def test_a_named_label_column_must_exist_and_templates_take_one_field(tmp_path):
+    (tmp_path / "captions.csv").write_text("image,caption,label\n0.png,a,1\n")
+    with pytest.raises(ValueError, match=r"captions\.csv:1: no column 'lable'"):
+        caption_file_source(tmp_path / "captions.csv", label_column="lable")
+    (tmp_path / "names.txt").write_text("zero\none\n")
+    (tmp_path / "unlabelled.csv").write_text("image,caption\n0.png,a\n")
+    with pytest.raises(ValueError, match=r"unlabelled\.csv:1: no column 'label'"):
+        caption_file_source(tmp_path / "unlabelled.csv", class_names_file=tmp_path / "names.txt")
+    assert caption_file_source(tmp_path / "captions.csv").samples[0].label == 1
+    with pytest.raises(ValueError, match=r"exactly one '\{\}' for the class name and no other fields"):
+        template_captions([0], ["zero"], ["a {} in {style}"])
+    assert template_captions([0], ["zero"], ["a {{literal}} {}"])[0][0] == "a {literal} zero"
 
 
 def test_writer_output_is_identical_whatever_the_worker_count(tmp_path, digits):

@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     captions.add_argument("file", help="caption file; its suffix gives the format")
     captions.add_argument("--image-column", default="image")
     captions.add_argument("--caption-column", default="caption")
-    captions.add_argument("--label-column", default="label", help="optional integer labels")
+    captions.add_argument("--label-column", help="integer labels (default: a label column if the file has one)")
     captions.add_argument("--image-root", help="base of relative image paths (default: the file's folder)")
     captions.add_argument("--class-names", help="one class name per line, line i naming label i")
     captions.set_defaults(command=_captions)

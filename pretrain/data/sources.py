@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -32,8 +33,13 @@ def template_captions(
 ) -> list[tuple[str, int]]:
     """One ``(caption, template index)`` per label: a template drawn with a fixed seed, filled with the class name."""
     for template in templates:
-        if template.count("{}") != 1:
-            raise ValueError(f"caption template {template!r} must contain exactly one '{{}}' for the class name")
+        try:
+            fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        except ValueError as error:
+            raise ValueError(f"caption template {template!r}: {error}") from None
+        if fields != [""]:
+            raise ValueError(f"caption template {template!r} must contain exactly one '{{}}' for the class name and "
+                             "no other fields (write a literal brace as {{ or }})")
     choices = np.random.default_rng(seed).integers(len(templates), size=len(labels))
     return [(templates[choice].format(class_names[label]), int(choice)) for label, choice in zip(labels, choices)]
 
@@ -84,21 +90,25 @@ def caption_file_source(
     *,
     image_column: str = "image",
     caption_column: str = "caption",
-    label_column: str = "label",
+    label_column: str | None = None,
     image_root: str | os.PathLike | None = None,
     class_names_file: str | os.PathLike | None = None,
 ) -> Source:
     """Image path, caption and optional integer label per row of a ``.csv``, ``.tsv`` or ``.jsonl`` file.
 
     Relative image paths are resolved against ``image_root`` (default: the file's directory). A missing or
-    empty label leaves the sample unlabeled; an empty caption leaves it without ``txt``. ``class_names_file``
-    has one class name per line, line *i* naming label *i*.
+    empty label leaves the sample unlabeled; an empty caption leaves it without ``txt``. Labels come from
+    ``label_column``, which must then exist, or else from a ``label`` column if there is one; with
+    ``class_names_file`` (one class name per line, line *i* naming label *i*) the label column must exist.
     """
     path = os.fspath(path)
     base = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
     class_names = _read_lines(class_names_file) if class_names_file else None
+    labels_required = label_column is not None or class_names is not None
+    label_column = label_column or "label"
+    required = (image_column, caption_column, *((label_column,) if labels_required else ()))
     samples = []
-    for line, row in _read_rows(path, required=(image_column, caption_column)):
+    for line, row in _read_rows(path, required=required):
         image = str(row.get(image_column) or "")
         if not image:
             raise ValueError(f"{path}:{line}: empty {image_column!r}")
@@ -153,7 +163,13 @@ def _read_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]
         if suffix == ".jsonl":
             for number, line in enumerate(stream, start=1):
                 if line.strip():
-                    row = json.loads(line)
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{number}: not a JSON object ({error.msg} at column {error.colno})") \
+                            from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
                     _check_columns(path, number, row, required)
                     yield number, row
             return
@@ -172,7 +188,13 @@ def _check_columns(path: str, line: int, row: dict, required: Sequence[str]) -> 
 def _parse_label(value: object, where: str) -> int | None:
     if value is None or value == "":
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{where}: label {value!r} is not an integer") from None
+    # bool is an int subclass, and int() would truncate 2.7: accept integers and their decimal strings only.
+    if isinstance(value, int) and not isinstance(value, bool):
+        label = value
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        label = int(value)
+    else:
+        raise ValueError(f"{where}: label {value!r} is not an integer")
+    if label < 0:
+        raise ValueError(f"{where}: label {label} is negative")
+    return label
