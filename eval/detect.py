@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     input_dtype = next(model.parameters()).dtype  # DeepSpeed's bf16 mode holds (and expects) bf16 inputs
     export_dir = Path(args.export_to or run_dir / "model")
     if args.export_from:
-        checkpoints.resume(args.export_from)
+        checkpoints.restore(args.export_from)
         save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir)
         return None
 

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     export_dir = Path(args.export_to or run_dir / "model")
 
     if args.export_from:
-        checkpoints.resume(args.export_from)
+        checkpoints.restore(args.export_from)
         export_classifier(accelerator, model, class_names, num_classes, export_dir, tower_args(recipe.model.encoder))
         return None
 

@@ -126,6 +126,19 @@ class CheckpointManager:
         starts fresh otherwise; anything else is the path of a checkpoint directory, which must be complete.
         Call it after ``accelerator.prepare`` and after registering custom objects, on every process.
         """
+        path = self.find(spec)
+        if path is None:
+            return None
+        step = int(_marker(path)["step"])
+        if not self.accelerator._models:
+            raise CheckpointError("resume() must come after accelerator.prepare(model, ...): load_state only "
+                                  "restores objects the accelerator already knows")
+        self.accelerator.load_state(str(path))
+        logger.info("resumed from %s (step %d)", path, step)
+        return step
+
+    def find(self, spec: str | Path | None) -> Path | None:
+        """The complete checkpoint ``spec`` names (see :meth:`resume`), or None to start fresh."""
         if spec is None or str(spec).lower() == "none":
             if self.checkpoints():
                 logger.warning("starting fresh although %s holds checkpoints: from the first save on, resume=auto "
@@ -135,26 +148,26 @@ class CheckpointManager:
             path = self.latest()
             if path is None:
                 logger.info("no checkpoint in %s: starting fresh", self.directory)
-                return None
-        else:
-            path = Path(spec)
-            if not path.is_dir():
-                raise CheckpointError(f"checkpoint {path} does not exist")
-            if not (path / MARKER).is_file():
-                holder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-                inside = CheckpointManager(self.accelerator, holder).checkpoints()
-                if inside:
-                    raise CheckpointError(f"{path} is not a checkpoint but holds them: name one, e.g. {inside[-1]}, "
-                                          "or set train.resume=auto with train.output_dir set to the run")
-                raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker: its save was "
-                                      "interrupted); resume from another checkpoint")
-        step = int(_marker(path)["step"])
-        if not self.accelerator._models:
-            raise CheckpointError("resume() must come after accelerator.prepare(model, ...): load_state only "
-                                  "restores objects the accelerator already knows")
-        self.accelerator.load_state(str(path))
-        logger.info("resumed from %s (step %d)", path, step)
-        return step
+            return path
+        path = Path(spec)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if not (path / MARKER).is_file():
+            holder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            inside = CheckpointManager(self.accelerator, holder).checkpoints()
+            if inside:
+                raise CheckpointError(f"{path} is not a checkpoint but holds them: name one, e.g. {inside[-1]}, "
+                                      "or set train.resume=auto with train.output_dir set to the run")
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {MARKER} marker: its save was "
+                                  "interrupted); resume from another checkpoint")
+        return path
+
+    def restore(self, spec: str | Path) -> int:
+        """:meth:`resume` for exports, which must find a checkpoint: ``none``, or ``auto`` with none saved, raise."""
+        if self.find(spec) is None:
+            raise CheckpointError(f"no checkpoint to export from: {str(spec)!r} names none (complete checkpoints in "
+                                  f"{self.directory}: {len(self.checkpoints())})")
+        return self.resume(spec)
 
     def _remove_unfinished(self) -> None:
         for path in self.directory.glob(f"*{IN_PROGRESS_SUFFIX}"):
@@ -182,10 +195,12 @@ def load_for_export(accelerator: Accelerator, model, optimizer, directory: str |
     ``checkpoint`` into them, for exporting. Nothing else is registered, so the data loader and LR schedule the run
     saved stay unread: an export needs neither the training data nor its layout. Returns the prepared model."""
     model, _ = accelerator.prepare(model, optimizer)
+    checkpoints = CheckpointManager(accelerator, directory)
+    found = checkpoints.find(checkpoint)
     # load_state restores registered objects by position and insists on as many as were saved.
-    for _ in Path(checkpoint).glob("custom_checkpoint_*.pkl"):
+    for _ in (found.glob("custom_checkpoint_*.pkl") if found else ()):
         accelerator.register_for_checkpointing(_Unread())
-    CheckpointManager(accelerator, directory).resume(checkpoint)
+    checkpoints.restore(checkpoint)
     return model
 
 

@@ -295,8 +295,11 @@ def test_resume_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint .*step_00000009 does not exist"):
         run.manager.resume(tmp_path / "checkpoints" / "step_00000009")
     saved = run.manager.save(1)
+    with pytest.raises(CheckpointError, match=r"no checkpoint to export from: 'none' names none"):
+        run.manager.restore("none")
+    assert run.manager.restore("auto") == 1
     for folder in (tmp_path, tmp_path / "checkpoints"):  # a run or its checkpoints folder, not one checkpoint
-        with pytest.raises(CheckpointError, match=r"is not a checkpoint but holds them: name one, e.g. .*step_00000001"):
+        with pytest.raises(CheckpointError, match=r"is not a checkpoint but holds them: name one, e\.g\. .*step_0+1"):
             run.manager.resume(folder)
     AcceleratorState._reset_state(reset_partial_state=True)
     unprepared = Accelerator(cpu=True)

@@ -17,6 +17,7 @@ from two_processes import run_two_processes
 import vig
 from eval import linear_probe
 from pretrain import mae
+from pretrain.checkpoints import CheckpointError
 from pretrain.compiling import compile_blocks
 from pretrain.data import write_demo
 from pretrain.export import export_timm, sub_state_dict
@@ -96,6 +97,8 @@ def test_warmup_steps_override_warmup_epochs(digits, tmp_path):
 
 
 def test_resume_after_a_layout_change_needs_resume_data_continue(digits, tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint to export from: 'auto'"):  # nothing trained yet
+        mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, tmp_path), "--export-from", "auto"])
     mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, tmp_path, **{"train.max_steps": 2})])
     more_workers = tiny_overrides(digits, tmp_path, **{"train.max_steps": 3, "data.num_workers": 2})
     with pytest.raises(ValueError, match=r"num_workers saved 1, now 2.*train\.resume_data=continue"):
