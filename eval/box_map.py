@@ -22,6 +22,11 @@ def coco_box_ap(ground_truth: list[dict], detections: list[dict], num_classes: i
     last two optional); ``detections``: per image, in the same order, ``{"boxes", "labels", "scores"}``."""
     images, annotations, results = [], [], []
     for image_id, (truth, found) in enumerate(zip(ground_truth, detections)):
+        outside = [label for label in truth["labels"].tolist() if not 0 <= label < num_classes]
+        if outside:
+            # COCOeval would skip such boxes silently and report the AP of the classes it knows.
+            raise ValueError(f"evaluation image {image_id} holds label {int(outside[0])}, outside the model's "
+                             f"{num_classes} classes (0..{num_classes - 1})")
         images.append({"id": image_id})
         boxes = truth["boxes"].tolist()
         crowd = truth.get("iscrowd", torch.zeros(len(boxes))).tolist()

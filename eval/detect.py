@@ -31,11 +31,11 @@ from eval.tuning import (
     class_count,
     fit,
     prepare_training,
+    recorded_class_names,
     save_with_recipe,
     training_stream_options,
 )
 from pretrain.compiling import compile_blocks
-from pretrain.data import read_dataset_info
 from pretrain.data.detection import build_detection_loader
 from pretrain.recipe import NonNegativeInt, PositiveInt, load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import DataSection, FinetuneOptimSection, FinetuneTrainSection
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise ValueError("model.encoder is empty: name an exported tower folder or an architecture")
     if not recipe.data.train_shards:
         raise ValueError("data.train_shards is empty: detection needs image + boxes training shards")
-    num_classes = class_count(recipe, read_dataset_info(recipe.data.train_shards).get("class_names"))
+    num_classes = class_count(recipe, recorded_class_names(recipe.data.train_shards))
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed, device_specific=True)

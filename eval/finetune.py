@@ -28,9 +28,17 @@ from torch import nn
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval.accuracy import eval_mode, topk_accuracy
-from eval.tuning import append_metrics, build_schedule, class_count, fit, prepare_training, training_stream_options
+from eval.tuning import (
+    append_metrics,
+    build_schedule,
+    class_count,
+    fit,
+    prepare_training,
+    recorded_class_names,
+    training_stream_options,
+)
 from pretrain.compiling import compile_blocks
-from pretrain.data import build_loader, read_dataset_info
+from pretrain.data import build_loader
 from pretrain.export import export_timm
 from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
 from pretrain.schema import AugmentSection, FinetuneRecipe
@@ -69,15 +77,6 @@ def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop
         channels = model.pretrained_cfg["input_size"][0]
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (channels, img_size, img_size)}
     return model
-
-
-def recorded_class_names(shards: str) -> list[str] | None:
-    """The ``class_names`` of the shards' ``dataset.json``, or None where it records none."""
-    try:
-        names = read_dataset_info(shards).get("class_names")
-    except FileNotFoundError:
-        return None
-    return [str(name) for name in names] if names else None
 
 
 def input_size(model: nn.Module) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from pretrain.atomic import atomic_directory, write_atomically
 from pretrain.checkpoints import CheckpointManager, TrainState
-from pretrain.data import ShardLoader
+from pretrain.data import ShardLoader, read_dataset_info
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr, warmup_updates
 from pretrain.recipe import save_recipe
@@ -151,6 +151,15 @@ def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, descrip
             save_recipe(recipe, staging / "recipe.yaml")
         accelerator.print(f"saved {description} to {out_dir}")
     accelerator.wait_for_everyone()
+
+
+def recorded_class_names(shards: str) -> list[str] | None:
+    """The ``class_names`` of the shards' ``dataset.json``, or None where it records none (or there is none)."""
+    try:
+        names = read_dataset_info(shards).get("class_names")
+    except FileNotFoundError:
+        return None
+    return [str(name) for name in names] if names else None
 
 
 def class_count(recipe, class_names: list | None) -> int:

@@ -160,7 +160,7 @@ def _read_lines(path: Path, kind: str) -> list[tuple[int, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file {path} not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: files saved by spreadsheet programs start with a BOM
     except UnicodeDecodeError as exn:
         raise ValueError(f"{kind} file {path} is not UTF-8 text: {exn}") from exn
     return list(enumerate(text.splitlines(), start=1))
@@ -179,7 +179,9 @@ def _check_unique(names: list[str], where: str) -> list[str]:
     seen: dict[str, int] = {}
     for index, name in enumerate(names):
         if name in seen:
-            raise ValueError(f"{where}: class name {name!r} at index {index} repeats index {seen[name]}")
+            raise ValueError(f"{where}: class name {name!r} at index {index} repeats index {seen[name]}, so zero-shot "
+                             "classification cannot tell the two apart; pass --class-names with distinct names (for "
+                             "ImageNet's synset names, which repeat 'crane' and 'maillot', --class-names imagenet)")
         seen[name] = index
     return names
 

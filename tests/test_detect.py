@@ -87,6 +87,8 @@ def test_coco_ap_of_hand_made_detections():
     assert coco_box_ap(crowd, found([0, 0, 10, 10], labels=(0,), scores=(0.9,)), 2)["ap"] == pytest.approx(100)
     assert coco_box_ap(truth, [{"boxes": boxes(), "labels": torch.tensor([], dtype=torch.long),
                                 "scores": torch.tensor([])}], 2)["ap"] == 0
+    with pytest.raises(ValueError, match=r"evaluation image 0 holds label 1, outside the model's 1 classes"):
+        coco_box_ap(truth, found([0, 0, 10, 10], labels=(0,), scores=(0.9,)), 1)
 
 
 def test_the_tower_trains_below_the_heads():

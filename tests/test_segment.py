@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -123,6 +124,13 @@ def test_labels_outside_the_classes_fail_naming_the_sample(canvases, towers, tmp
         segment.main([str(DEMO_RECIPE), *overrides(canvases, tmp_path, towers["vig_h_tiny"],
                                                     **{"model.num_classes": 1})])
     assert not (tmp_path / "checkpoints").exists()
+    # shards from another tool, without dataset.json: model.num_classes is enough
+    bare = tmp_path / "bare"
+    shutil.copytree(canvases / "train", bare)
+    (bare / "dataset.json").unlink()
+    with pytest.raises(ValueError, match=r"mask of sample \d+ in .*bare holds label 1, outside the model's 1 "):
+        segment.main([str(DEMO_RECIPE), *overrides(canvases, tmp_path, towers["vig_h_tiny"],
+                                                    **{"model.num_classes": 1, "data.train_shards": str(bare)})])
 
 
 def test_writer_and_loader_reject_masks_that_do_not_fit(tmp_path):

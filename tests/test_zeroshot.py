@@ -226,7 +226,7 @@ def test_builtin_class_names_and_templates(demo):
 
 def test_class_name_files_and_their_errors(tmp_path, demo):
     names = tmp_path / "names.txt"
-    names.write_text("T-shirt/top\n\n  Ankle boot  \nBag\n")
+    names.write_text("\ufeffT-shirt/top\n\n  Ankle boot  \nBag\n")  # with the BOM spreadsheet programs write
     assert load_class_names(names) == ["T-shirt/top", "Ankle boot", "Bag"]
     names.write_text("cat\ndog\n\ncat\n")
     with pytest.raises(ValueError, match=rf"{names} line 4: 'cat' repeats line 1"):
@@ -242,6 +242,10 @@ def test_class_name_files_and_their_errors(tmp_path, demo):
     write_shards(samples, unnamed, dataset_info={"source": "test"}, progress=False)
     with pytest.raises(ValueError, match=rf"shards in {unnamed} records no class_names"):
         load_class_names(None, unnamed)
+    repeated = tmp_path / "repeated"  # ImageNet's synset names repeat "crane"
+    write_shards(samples, repeated, dataset_info={"class_names": ["crane", "crane"]}, progress=False)
+    with pytest.raises(ValueError, match=r"'crane' at index 1 repeats index 0, .*--class-names imagenet"):
+        load_class_names(None, repeated)
 
 
 def test_template_files_and_their_errors(tmp_path):
