@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     export_dir = Path(args.export_to or run_dir / "model")
     if args.export_from:
         checkpoints.restore(args.export_from)
-        save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir)
+        save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir,
+                         num_classes)
         return None
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                evaluate if val_loader is not None else None, "detect"):
         return None
     result = evaluate() if val_loader is not None else None
-    save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir)
+    save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir,
+                     num_classes)
     tracker.close()
     return result
 

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     export_dir = Path(args.export_to or run_dir / "model")
     if args.export_from:
         checkpoints.restore(args.export_from)
-        save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir)
+        save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir,
+                         num_classes)
         return None
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                evaluate if val_loader is not None else None, "segment"):
         return None
     result = evaluate() if val_loader is not None else None
-    save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir)
+    save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir,
+                     num_classes)
     tracker.close()
     return result
 

@@ -4,6 +4,7 @@ and schedule, updates with accumulation, the non-finite guard and gradient clipp
 checkpoints and stopping on a signal."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -139,16 +140,19 @@ def fit(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, 
     return True
 
 
-def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, description: str,
-                     out_dir: Path) -> None:
+def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, description: str, out_dir: Path,
+                     num_classes: int) -> None:
     """The whole fine-tuned model (``model.safetensors``, fp32) and the recipe that rebuilds it, written atomically
-    to ``out_dir`` by the main process."""
+    to ``out_dir`` by the main process. The saved recipe records the class count as ``model.num_classes``, so
+    rebuilding needs no shards; ``model.encoder`` still names the tower it started from, whose ``config.json``
+    gives the architecture."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        rebuilding = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_classes=num_classes))
         with atomic_directory(out_dir) as staging:
             save_file({key: value.detach().float().cpu().contiguous() for key, value in state_dict.items()},
                       str(staging / "model.safetensors"))
-            save_recipe(recipe, staging / "recipe.yaml")
+            save_recipe(rebuilding, staging / "recipe.yaml")
         accelerator.print(f"saved {description} to {out_dir}")
     accelerator.wait_for_everyone()
 

@@ -207,7 +207,8 @@ def test_detection_learns_the_derived_canvases(canvases, tower, tmp_path):
     assert [m["step"] for m in metrics] == [48] and metrics[-1] == result
     # The exported detector scores the same when rebuilt from its recipe.
     saved = load_recipe(tmp_path / "model" / "recipe.yaml", detect.DetectRecipe)
-    rebuilt = detect.create_detector(saved.model, 1)
+    assert saved.model.num_classes == 1  # recorded, although the recipe left it to the shards
+    rebuilt = detect.create_detector(saved.model, saved.model.num_classes)
     rebuilt.load_state_dict(load_file(str(tmp_path / "model" / "model.safetensors")))
     with eval_mode(rebuilt):
         assert detection_scores(rebuilt, loader, 1, "cpu")["ap"] == pytest.approx(result["ap"])
