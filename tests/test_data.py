@@ -308,6 +308,17 @@ def test_cli_writes_demo_and_rerun_reuses_it(tmp_path, capsys):
     assert cli_main(arguments) == 0
     assert "3 already complete" in capsys.readouterr().out
     assert cli_main(["folder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 1
+    capsys.readouterr()
+    not_a_folder = tmp_path / "train" / "sizes.json"
+    assert cli_main(["folder", str(not_a_folder), "--out", str(tmp_path / "x")]) == 1
+    assert f"{not_a_folder}' is not a folder" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("n01 caf\xe9\n".encode("latin-1"))
+    assert cli_main(["folder", str(tmp_path), "--class-names", str(tmp_path / "latin1.txt"), "--out",
+                     str(tmp_path / "x")]) == 1
+    assert "latin1.txt is not UTF-8 text" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main([*arguments[:-1], "--max-samples-per-shard", "0"])  # was taken as the default of 1000
+    assert "--max-samples-per-shard: must be at least 1, got 0" in capsys.readouterr().err
 
 
 # --- loader ---------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -58,6 +59,8 @@ def image_folder_source(
     (each containing ``{}``), every sample gets a caption generated from its class name, recorded as such.
     """
     root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root!r} is not a folder (expected one subfolder of images per class)")
     folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     class_names = _folder_class_names(folders, class_names_file) if class_names_file else folders
     paths, labels = [], []
@@ -150,7 +153,8 @@ def _folder_class_names(folders: Sequence[str], class_names_file: str | os.PathL
 
 
 def _read_lines(path: str | os.PathLike) -> list[str]:
-    with open(path, encoding="utf-8-sig") as stream:  # -sig: files saved by spreadsheet programs start with a BOM
+    # -sig: files saved by spreadsheet programs start with a BOM
+    with open(path, encoding="utf-8-sig") as stream, _naming_undecodable(path):
         return [line.strip() for line in stream if line.strip()]
 
 
@@ -159,7 +163,7 @@ def _read_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in (".csv", ".tsv", ".jsonl"):
         raise ValueError(f"{path}: caption files must end in .csv, .tsv or .jsonl")
-    with open(path, encoding="utf-8-sig", newline="") as stream:
+    with open(path, encoding="utf-8-sig", newline="") as stream, _naming_undecodable(path):
         if suffix == ".jsonl":
             for number, line in enumerate(stream, start=1):
                 if line.strip():
@@ -177,6 +181,14 @@ def _read_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]
         _check_columns(path, 1, dict.fromkeys(reader.fieldnames or ()), required)
         for row in reader:
             yield reader.line_num, row
+
+
+@contextlib.contextmanager
+def _naming_undecodable(path: str) -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def _check_columns(path: str, line: int, row: dict, required: Sequence[str]) -> None:
