@@ -24,6 +24,7 @@ from torch import nn
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from pretrain.data import DeviceNormalize, build_loader
+from pretrain.recipe import at_least
 
 
 def load_encoder(folder: Path, random_init: bool) -> nn.Module:
@@ -100,11 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--val-shards", required=True)
     parser.add_argument("--random-init", action="store_true", help="probe the architecture at initialisation")
     parser.add_argument("--img-size", type=int, help="default: the exported model's img_size")
-    parser.add_argument("--epochs", type=int, default=90)
-    parser.add_argument("--warmup-epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=at_least(1), default=90)
+    parser.add_argument("--warmup-epochs", type=at_least(0), default=10)
+    parser.add_argument("--batch-size", type=at_least(2), default=256, help="at least 2, for the BatchNorm")
     parser.add_argument("--base-lr", type=float, default=0.1)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", "--workers", type=at_least(0), default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", type=Path, help="write the result as JSON here")

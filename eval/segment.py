@@ -162,9 +162,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         save_recipe(recipe, run_dir / "recipe.yaml")
     tracker = Tracker(accelerator, run_dir, "segment", recipe_to_dict(recipe))
     source = "random init" if not Path(recipe.model.encoder).is_dir() else recipe.model.encoder
+    last_update = min(schedule.total_updates, recipe.train.max_steps or schedule.total_updates)
     accelerator.print(f"segmentation fine-tuning of {model_name(accelerator, model)} ({source}) for {num_classes} "
-                      f"classes at {crop}px: {schedule.total_updates} updates, global batch {schedule.global_batch}, "
-                      f"lr {schedule.lr:.3g}, {accelerator.num_processes} processes")
+                      f"classes at {crop}px: {last_update} updates from step {state.step}, global batch "
+                      f"{schedule.global_batch}, lr {schedule.lr:.3g}, {accelerator.num_processes} processes")
     if not fit(accelerator, recipe, model, schedule, loader, state, guard, checkpoints, tracker, loss_of,
                evaluate if val_loader is not None else None, "segment"):
         return None

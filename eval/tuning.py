@@ -44,7 +44,7 @@ def build_schedule(recipe, model: nn.Module, loader: ShardLoader, num_processes:
     global_batch = optim.batch_size * optim.accum_steps * num_processes
     lr = optim.lr or scaled_lr(optim.base_lr, global_batch)
     optimizer = build_optimizer(model, lr, optim.weight_decay, optim.betas, optim.eps, layer_decay=layer_decay)
-    warmup = warmup_updates(optim, updates_per_epoch)
+    warmup = warmup_updates(optim, updates_per_epoch, total_updates)
     scheduler = build_scheduler(optimizer, total_updates, warmup, optim.min_lr)
     return Schedule(optimizer, scheduler, lr, updates_per_epoch, total_updates, global_batch)
 

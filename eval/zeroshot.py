@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "its registered size, a local-dir export's the trained one)")
     parser.add_argument("--crop-pct", type=float, default=1.0, help="center crop fraction (open_clip: 1.0)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", "--num-workers", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype")
     parser.add_argument("--output", type=Path, help="write the result as JSON here (atomically)")

@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     accum = recipe.optim.accum_steps
     updates_per_epoch = max(1, loader.steps_per_epoch // accum)
     total_updates = recipe.optim.epochs * updates_per_epoch
-    warmup = warmup_updates(recipe.optim, updates_per_epoch)
+    warmup = warmup_updates(recipe.optim, updates_per_epoch, total_updates)
     global_batch = recipe.optim.batch_size * accum * accelerator.num_processes
     lr = recipe.optim.lr or scaled_lr(recipe.optim.base_lr, global_batch)
     optimizer = build_optimizer(model, lr, recipe.optim.weight_decay, recipe.optim.betas, recipe.optim.eps)
-    scheduler = build_scheduler(optimizer, total_updates, min(warmup, total_updates - 1), recipe.optim.min_lr)
+    scheduler = build_scheduler(optimizer, total_updates, warmup, recipe.optim.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = build_loss(recipe.model.loss, accelerator.process_index, accelerator.num_processes,
                          local_loss=recipe.model.local_loss, gather_with_grad=recipe.model.gather_with_grad)

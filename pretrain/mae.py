@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     global_batch = recipe.optim.batch_size * recipe.optim.accum_steps * accelerator.num_processes
     lr = recipe.optim.lr or scaled_lr(recipe.optim.base_lr, global_batch)
     optimizer = build_optimizer(model, lr, recipe.optim.weight_decay, recipe.optim.betas, recipe.optim.eps)
-    scheduler = build_scheduler(optimizer, total_updates, warmup_updates(recipe.optim, updates_per_epoch),
-                                recipe.optim.min_lr)
+    scheduler = build_scheduler(optimizer, total_updates,
+                                warmup_updates(recipe.optim, updates_per_epoch, total_updates), recipe.optim.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.
     input_dtype = next(model.parameters()).dtype

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+
+logger = logging.getLogger(__name__)
 
 # Learned tokens, position embeddings and CLIP's logit scale/bias are not weights to shrink toward zero.
 NO_DECAY_PATTERNS = ("*_token", "*pos_embed", "*logit_scale", "*logit_bias")
@@ -42,9 +46,16 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
     return torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=betas, eps=eps)
 
 
-def warmup_updates(optim, updates_per_epoch: int) -> int:
-    """The recipe's warm-up in optimizer updates: ``optim.warmup_steps`` when set, else ``optim.warmup_epochs``."""
-    return optim.warmup_steps if optim.warmup_steps is not None else optim.warmup_epochs * updates_per_epoch
+def warmup_updates(optim, updates_per_epoch: int, total_updates: int) -> int:
+    """The recipe's warm-up in optimizer updates: ``optim.warmup_steps`` when set, else ``optim.warmup_epochs``;
+    cut, with a warning, to one update less than a shorter schedule (a short demo or test run, say)."""
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else optim.warmup_epochs * updates_per_epoch
+    if warmup >= total_updates:
+        logger.warning("the warm-up (optim.warmup_steps or optim.warmup_epochs: %d updates) is not shorter than the "
+                       "schedule (optim.epochs: %d updates); warming up for %d", warmup, total_updates,
+                       total_updates - 1)
+        return total_updates - 1
+    return warmup
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,

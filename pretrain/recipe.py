@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -69,6 +69,16 @@ def trainer_arguments(argv: Sequence[str] | None, description: str, exported: st
     parser.add_argument("--export-from", help=f"export the {exported} of this checkpoint and exit")
     parser.add_argument("--export-to", help=f"export folder (default: <output_dir>/{default_export})")
     return parser.parse_args(argv)
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type for command-line counts: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:

@@ -22,7 +22,14 @@ from two_processes import run_two_processes
 import vig  # noqa: F401  (registers the towers with timm)
 from pretrain.checkpoints import CheckpointError, CheckpointManager, TrainState
 from pretrain.guards import NonFiniteGuard, StopSignal, check_batch_settings, check_clip_setting
-from pretrain.optim import build_optimizer, build_scheduler, param_groups, parameter_names, scaled_lr
+from pretrain.optim import (
+    build_optimizer,
+    build_scheduler,
+    param_groups,
+    parameter_names,
+    scaled_lr,
+    warmup_updates,
+)
 from pretrain.recipe import RecipeError, load_recipe, recipe_to_dict, save_recipe
 from pretrain.schema import MAERecipe
 from pretrain.tracking import Throughput, Tracker, accelerator_kwargs, wandb_wanted
@@ -396,6 +403,15 @@ def test_schedule_warms_up_linearly_then_follows_a_half_cosine():
     assert lr_at(110)[0] == pytest.approx(0.1) and lr_at(500)[0] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="warmup_steps < total_steps"):
         build_scheduler(optimizer, total_steps=10, warmup_steps=10)
+
+
+def test_warmup_is_counted_in_updates_and_cut_to_the_schedule(caplog):
+    epochs = SimpleNamespace(warmup_steps=None, warmup_epochs=2)
+    assert warmup_updates(epochs, updates_per_epoch=12, total_updates=120) == 24
+    assert warmup_updates(SimpleNamespace(warmup_steps=5, warmup_epochs=2), 12, 120) == 5  # steps win
+    with caplog.at_level("WARNING", logger="pretrain.optim"):
+        assert warmup_updates(epochs, updates_per_epoch=12, total_updates=12) == 11
+    assert "is not shorter than the schedule (optim.epochs: 12 updates)" in caplog.text
 
 
 def test_scaled_lr_follows_mae():

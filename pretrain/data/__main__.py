@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+from ..recipe import at_least
 from .demo import FASHION_MNIST_DIR, write_demo
 from .shards import SIZES_FILE
 from .sources import Source, caption_file_source, image_folder_source
@@ -23,13 +24,6 @@ def parse_size(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500MB, 1GiB, 200000000)")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,9 +77,9 @@ def _demo(args: argparse.Namespace) -> list[WriteSummary]:
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output directory")
-    common.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="writer processes")
+    common.add_argument("--workers", type=at_least(1), default=min(8, os.cpu_count() or 1), help="writer processes")
     common.add_argument("--seed", type=int, default=0, help="seed of the write order and caption templates")
-    common.add_argument("--max-samples-per-shard", type=positive_int, help="samples per shard at most")
+    common.add_argument("--max-samples-per-shard", type=at_least(1), help="samples per shard at most")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     sharding = argparse.ArgumentParser(add_help=False)
     sharding.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
