@@ -176,6 +176,25 @@ def test_caption_file_rows_that_cannot_be_read_are_named(tmp_path, content, mess
         caption_file_source(tmp_path / "captions.jsonl")
 
 
+def test_a_folder_named_twice_in_the_class_names_is_an_error(tmp_path, digits):
+    make_image_folder(tmp_path / "images", digits, per_class=1)
+    (tmp_path / "names.txt").write_text("d3 three\nd5 five\nd7 seven\nd5 fünf\n")
+    with pytest.raises(ValueError, match=r"names\.txt names folder 'd5' twice"):
+        image_folder_source(tmp_path / "images", class_names_file=tmp_path / "names.txt")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("captions.csv", "image,caption,label\n0.png,a,1,extra\n", r"captions\.csv:2: 3 fields expected, got 4"),
+    ("captions.csv", "image,caption,label\n0.png\n", r"captions\.csv:2: 3 fields expected, got 1"),
+    ("captions.jsonl", '{"image": "0.png", "caption": ["a", "b"]}\n', r"'caption' must be a string, got list"),
+    ("captions.jsonl", '{"image": 7, "caption": "a"}\n', r"'image' must be a string, got int 7"),
+])
+def test_caption_file_fields_are_checked(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        caption_file_source(tmp_path / name)
+
+
 def test_a_named_label_column_must_exist_and_templates_take_one_field(tmp_path):
     (tmp_path / "captions.csv").write_text("image,caption,label\n0.png,a,1\n")
     with pytest.raises(ValueError, match=r"captions\.csv:1: no column 'lable'"):
@@ -504,6 +523,14 @@ def test_endless_stream_of_bad_samples_stops_instead_of_hanging(tmp_path, digits
     # In-process: a DataLoader takes seconds to shut its workers down after an error.
     loader = build_loader(tmp_path, "clip", 4, 8, num_workers=0, resampled=True, max_bad_fraction=0.5)
     with pytest.raises(BadDataError, match=r"a worker of rank 0 met 11 bad samples.*missing txt"):
+        next(iter(loader))
+
+
+def test_unlabelled_shards_say_so_when_a_task_needs_labels(tmp_path, digits):
+    images, _ = digits
+    write_shards([ShardSample(ArrayImage(images[i])) for i in range(8)], tmp_path, progress=False)
+    loader = build_loader(tmp_path, "eval", 4, 8, num_workers=0)
+    with pytest.raises(BadDataError, match=r"missing cls \(an unlabelled sample: this task needs labelled shards\)"):
         next(iter(loader))
 
 

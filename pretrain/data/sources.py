@@ -112,10 +112,13 @@ def caption_file_source(
     required = (image_column, caption_column, *((label_column,) if labels_required else ()))
     samples = []
     for line, row in _read_rows(path, required=required):
-        image = str(row.get(image_column) or "")
+        image, caption = row.get(image_column), row.get(caption_column)
+        for column, value in ((image_column, image), (caption_column, caption)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}:{line}: {column!r} must be a string, got {type(value).__name__} {value!r}")
         if not image:
             raise ValueError(f"{path}:{line}: empty {image_column!r}")
-        caption = str(row.get(caption_column) or "") or None
+        caption = caption or None
         label = _parse_label(row.get(label_column), f"{path}:{line}")
         metadata = {"source": "caption-file", "path": image, "line": line, "caption_source": "file"}
         if label is not None:
@@ -145,6 +148,8 @@ def _folder_class_names(folders: Sequence[str], class_names_file: str | os.PathL
     names = {}
     for line in _read_lines(class_names_file):
         folder, *name = line.split(maxsplit=1)
+        if folder in names:
+            raise ValueError(f"{class_names_file} names folder {folder!r} twice")
         names[folder] = name[0] if name else folder
     missing = [folder for folder in folders if folder not in names]
     if missing:
@@ -180,6 +185,11 @@ def _read_rows(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]
         reader = csv.DictReader(stream, delimiter="\t" if suffix == ".tsv" else ",")
         _check_columns(path, 1, dict.fromkeys(reader.fieldnames or ()), required)
         for row in reader:
+            # DictReader files extra fields under None and fills missing ones with None
+            if None in row or None in row.values():
+                present = sum(value is not None for key, value in row.items() if key is not None)
+                raise ValueError(f"{path}:{reader.line_num}: {len(reader.fieldnames)} fields expected, got "
+                                 f"{present + len(row.get(None) or [])}")
             yield reader.line_num, row
 
 

@@ -227,7 +227,10 @@ def _complete_samples(samples: Iterable[dict], required: tuple[str, ...], bad: _
         if not any(key in sample for key in IMAGE_KEYS):
             missing.insert(0, "/".join(IMAGE_KEYS))
         if missing:
-            bad.add(BadSample(sample["__url__"], sample["__key__"], f"missing {', '.join(missing)}"))
+            reason = f"missing {', '.join(missing)}"
+            if "cls" in missing:
+                reason += " (an unlabelled sample: this task needs labelled shards)"
+            bad.add(BadSample(sample["__url__"], sample["__key__"], reason))
             continue
         yield sample
 
