@@ -144,8 +144,8 @@ def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, descrip
                      num_classes: int) -> None:
     """The whole fine-tuned model (``model.safetensors``, fp32) and the recipe that rebuilds it, written atomically
     to ``out_dir`` by the main process. The saved recipe records the class count as ``model.num_classes``, so
-    rebuilding needs no shards; ``model.encoder`` still names the tower it started from, whose ``config.json``
-    gives the architecture."""
+    rebuilding needs no shards; ``model.encoder`` still names the exported tower it started from, which rebuilding
+    reads (its ``config.json`` and ``model.safetensors``, whose weights the saved state dict then replaces)."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         rebuilding = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_classes=num_classes))

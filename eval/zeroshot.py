@@ -181,7 +181,7 @@ def _check_unique(names: list[str], where: str) -> list[str]:
         if name in seen:
             raise ValueError(f"{where}: class name {name!r} at index {index} repeats index {seen[name]}, so zero-shot "
                              "classification cannot tell the two apart; pass --class-names with distinct names (for "
-                             "ImageNet's synset names, which repeat 'crane' and 'maillot', --class-names imagenet)")
+                             "ImageNet's synset names, which repeat some such as 'crane', --class-names imagenet)")
         seen[name] = index
     return names
 

@@ -48,7 +48,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta
 
 def warmup_updates(optim, updates_per_epoch: int, total_updates: int) -> int:
     """The recipe's warm-up in optimizer updates: ``optim.warmup_steps`` when set, else ``optim.warmup_epochs``;
-    cut, with a warning, to one update less than a shorter schedule (a short demo or test run, say)."""
+    cut, with a warning, to one update less than the schedule when it is not shorter (a short demo or test run)."""
     warmup = optim.warmup_steps if optim.warmup_steps is not None else optim.warmup_epochs * updates_per_epoch
     if warmup >= total_updates:
         logger.warning("the warm-up (optim.warmup_steps or optim.warmup_epochs: %d updates) is not shorter than the "

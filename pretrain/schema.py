@@ -49,7 +49,7 @@ class TrainSection:
     output_dir: str = "runs/run"
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] | None = None
-    """``no``, ``fp16`` or ``bf16``; None keeps what ``accelerate launch`` configured."""
+    """``no``, ``fp16``, ``bf16`` or ``fp8``; None keeps what ``accelerate launch`` configured."""
     max_steps: PositiveInt | None = None
     """Stop after this many optimizer updates (the schedule still spans ``optim.epochs``)."""
     log_every: PositiveInt = 20

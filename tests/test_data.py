@@ -169,6 +169,7 @@ def test_caption_file_shards_round_trip(tmp_path, digits, suffix):
     ('{"image": "0.png", "caption": "a", "label": true}\n', r"captions\.jsonl:1: label True is not an integer"),
     ('{"image": "0.png", "caption": "a", "label": [1]}\n', r"captions\.jsonl:1: label \[1\] is not an integer"),
     ('{"image": "0.png", "caption": "a", "label": "-1"}\n', r"captions\.jsonl:1: label -1 is negative"),
+    ('{"image": "0.png", "caption": "a", "label": "--3"}\n', r"captions\.jsonl:1: label '--3' is not an integer"),
 ])
 def test_caption_file_rows_that_cannot_be_read_are_named(tmp_path, content, message):
     (tmp_path / "captions.jsonl").write_text(content)

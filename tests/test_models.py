@@ -135,8 +135,10 @@ def test_exported_tower_loads_for_finetuning_exactly_with_any_head(name, tmp_pat
 def test_checkpoints_of_another_model_fail_naming_the_keys(tmp_path):
     tower = timm.create_model("vig_tiny", num_classes=0)
     prefixed = tmp_path / "open_clip_model.safetensors"
-    save_file({"visual.trunk." + k: v.contiguous() for k, v in tower.state_dict().items()}, str(prefixed))
-    with pytest.raises(KeyError, match=r"178 missing keys.*prefix 'visual\.trunk\.'"):
+    open_clip_like = {"visual.trunk." + k: v.contiguous() for k, v in tower.state_dict().items()}
+    open_clip_like.update({"logit_scale": torch.ones(()), "text.token_embedding.weight": torch.zeros(4, 2)})
+    save_file(open_clip_like, str(prefixed))
+    with pytest.raises(KeyError, match=r"178 missing keys.*under the prefix 'visual\.trunk\.'"):
         timm.create_model("vig_tiny", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(prefixed)))
     deeper = tmp_path / "vig_h_small.safetensors"
     save_file(timm.create_model("vig_h_small", num_classes=0).state_dict(), str(deeper))

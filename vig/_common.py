@@ -93,10 +93,11 @@ def fit_checkpoint(state_dict: Mapping[str, torch.Tensor], model: nn.Module,
     missing, unexpected = sorted(set(own) - set(fitted)), sorted(set(fitted) - set(own))
     if missing or unexpected:
         hint = ""
-        if missing and unexpected and unexpected[0].endswith(missing[0]):
-            prefix = unexpected[0][:-len(missing[0])]
-            hint = (f"; the checkpoint's keys carry the prefix {prefix!r} (an open_clip model file or a training "
-                    "checkpoint?): load the tower's own file, e.g. an export's image_tower/model.safetensors")
+        prefixes = [key[:-len(missing[0])] for key in unexpected if missing and key.endswith("." + missing[0])]
+        if prefixes:
+            hint = (f"; the checkpoint holds the model's keys under the prefix {prefixes[0]!r} (an open_clip model "
+                    "file or a training checkpoint?): load the tower's own file, e.g. an export's "
+                    "image_tower/model.safetensors")
         raise KeyError(f"checkpoint does not fit {type(model).__name__}: {len(missing)} missing keys {missing[:8]}, "
                        f"{len(unexpected)} unexpected keys {unexpected[:8]}{hint}")
     for key, value in fitted.items():

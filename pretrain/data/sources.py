@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -99,10 +100,11 @@ def caption_file_source(
 ) -> Source:
     """Image path, caption and optional integer label per row of a ``.csv``, ``.tsv`` or ``.jsonl`` file.
 
-    Relative image paths are resolved against ``image_root`` (default: the file's directory). A missing or
-    empty label leaves the sample unlabeled; an empty caption leaves it without ``txt``. Labels come from
-    ``label_column``, which must then exist, or else from a ``label`` column if there is one; with
-    ``class_names_file`` (one class name per line, line *i* naming label *i*) the label column must exist.
+    Relative image paths are resolved against ``image_root`` (default: the file's directory). An empty label
+    (or, when no label column is required, a missing one) leaves the sample unlabeled; an empty caption leaves it
+    without ``txt``. Labels come from ``label_column``, which must then exist, or else from a ``label`` column if
+    there is one; with ``class_names_file`` (one class name per line, line *i* naming label *i*) the label column
+    must exist.
     """
     path = os.fspath(path)
     base = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
@@ -213,7 +215,7 @@ def _parse_label(value: object, where: str) -> int | None:
     # bool is an int subclass, and int() would truncate 2.7: accept integers and their decimal strings only.
     if isinstance(value, int) and not isinstance(value, bool):
         label = value
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
         label = int(value)
     else:
         raise ValueError(f"{where}: label {value!r} is not an integer")
