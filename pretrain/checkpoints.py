@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import atomic
+from .optim import build_optimizer
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -190,10 +191,12 @@ class CheckpointManager:
                 shutil.rmtree(path)
 
 
-def load_for_export(accelerator: Accelerator, model, optimizer, directory: str | Path, checkpoint: str | Path):
-    """Prepare ``model`` and ``optimizer`` (DeepSpeed's engine reads its weight shards through both) and load
-    ``checkpoint`` into them, for exporting. Nothing else is registered, so the data loader and LR schedule the run
-    saved stay unread: an export needs neither the training data nor its layout. Returns the prepared model."""
+def load_for_export(accelerator: Accelerator, model, optim, directory: str | Path, checkpoint: str | Path):
+    """Prepare ``model`` with the optimizer the recipe section ``optim`` built for training (DeepSpeed's engine reads
+    its weight shards through both) and load ``checkpoint`` into them, for exporting. Nothing else is registered,
+    so the data loader and LR schedule the run saved stay unread: an export needs neither the training data nor its
+    layout. Returns the prepared model."""
+    optimizer = build_optimizer(model, optim.lr or optim.base_lr, optim.weight_decay, optim.betas, optim.eps)
     model, _ = accelerator.prepare(model, optimizer)
     checkpoints = CheckpointManager(accelerator, directory)
     found = checkpoints.find(checkpoint)

@@ -113,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     compile_blocks(model, recipe.train.compile)
     export_dir = Path(args.export_to or run_dir / "export")
     if args.export_from:
-        optimizer = build_optimizer(model, recipe.optim.lr or recipe.optim.base_lr, recipe.optim.weight_decay,
-                                    recipe.optim.betas, recipe.optim.eps)
-        model = load_for_export(accelerator, model, optimizer, run_dir / "checkpoints", args.export_from)
+        model = load_for_export(accelerator, model, recipe.optim, run_dir / "checkpoints", args.export_from)
         export_model(accelerator, model, model_cfg, export_dir)
         return None
     tokenizer = clip_tokenizer(model_cfg)

@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         model.encoder.set_grad_checkpointing(True)
     compile_blocks(model, recipe.train.compile)
     if args.export_from:
-        optimizer = build_optimizer(model, recipe.optim.lr or recipe.optim.base_lr, recipe.optim.weight_decay,
-                                    recipe.optim.betas, recipe.optim.eps)
-        model = load_for_export(accelerator, model, optimizer, run_dir / "checkpoints", args.export_from)
+        model = load_for_export(accelerator, model, recipe.optim, run_dir / "checkpoints", args.export_from)
         export_encoder(accelerator, model, recipe, Path(args.export_to or run_dir / "encoder"))
         return
     data_cfg = model.encoder.pretrained_cfg

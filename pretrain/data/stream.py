@@ -192,7 +192,7 @@ def _seed_each_sample(samples: Iterable[dict], seed: int, epoch: int) -> Iterato
         identity = f"{os.path.basename(sample['__url__'])}/{sample['__key__']}".encode()
         # Ints only: make_seed hashes its arguments, and str hashes differ between processes.
         sample_seed = make_seed(seed, epoch, zlib.crc32(identity))
-        # The CPU generator alone: torch.manual_seed also seeds every device backend, about 150 us per call.
+        # The CPU generator alone: torch.manual_seed also seeds every device backend, far slower per call.
         torch.default_generator.manual_seed(sample_seed)
         random.seed(sample_seed)
         np.random.seed(sample_seed)
