@@ -31,7 +31,9 @@ def run_case(args, normalize: bool) -> dict:
     device = torch.device(args.device)
     loader = build_loader(args.shards, args.task, args.batch, args.image_size, num_workers=args.workers,
                           resampled=True, samples_per_epoch=args.batch * (args.skip + args.batches),
-                          normalize=normalize, pin_memory=args.pin_memory)
+                          normalize=normalize, pin_memory=args.pin_memory,
+                          # One epoch is timed: the next one's workers, started early, would compete with it.
+                          start_next_epoch_early=False)
     to_device = DeviceNormalize()
     start = None
     for index, batch in enumerate(loader):
