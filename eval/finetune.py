@@ -36,7 +36,9 @@ from eval.tuning import (
     prepare_training,
     recorded_class_names,
     training_stream_options,
+    with_class_count,
 )
+from pretrain.checkpoints import load_for_export
 from pretrain.compiling import compile_blocks
 from pretrain.data import build_loader
 from pretrain.export import export_timm
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     recipe = load_recipe(args.recipe, FinetuneRecipe, args.overrides)
     if not recipe.model.encoder:
         raise ValueError("model.encoder is empty: name an exported tower folder or an architecture")
-    if not recipe.data.train_shards:
+    if not recipe.data.train_shards and not args.export_from:
         raise ValueError("data.train_shards is empty: fine-tuning needs labelled training shards")
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe, run_dir)
@@ -130,12 +132,22 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     class_names = recorded_class_names(recipe.data.train_shards)
     num_classes = class_count(recipe, class_names)
+    recipe = with_class_count(recipe, num_classes)
     if class_names is not None and len(class_names) != num_classes:
         class_names = None  # a head of another size than the recorded classes: export it without label names
     model = create_classifier(recipe.model.encoder, num_classes, recipe.model.img_size, recipe.model.drop_path_rate)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     compile_blocks(model, recipe.train.compile)
+    export_dir = Path(args.export_to or run_dir / "model")
+    if args.export_from:
+        if class_names is None:
+            accelerator.print(f"no class names recorded with data.train_shards={recipe.data.train_shards!r}: the "
+                              "export has no label_names")
+        model = load_for_export(accelerator, model, recipe.optim, run_dir / "checkpoints", args.export_from,
+                                layer_decay=recipe.model.layer_decay)
+        export_classifier(accelerator, model, class_names, num_classes, export_dir, tower_args(recipe.model.encoder))
+        return None
     image_size, data_cfg = input_size(model), model.pretrained_cfg
     augment = recipe.augment
     mixup, criterion = mixup_and_loss(augment, num_classes)
@@ -160,12 +172,6 @@ def main(argv: list[str] | None = None) -> dict | None:
                                                         val_loader is not None)
     # DeepSpeed's bf16 (fp16) mode holds the module itself in that dtype and, unlike autocast, casts no inputs.
     input_dtype = next(model.parameters()).dtype
-    export_dir = Path(args.export_to or run_dir / "model")
-
-    if args.export_from:
-        checkpoints.restore(args.export_from)
-        export_classifier(accelerator, model, class_names, num_classes, export_dir, tower_args(recipe.model.encoder))
-        return None
 
     def evaluate() -> dict:
         unwrapped = accelerator.unwrap_model(model)
@@ -200,9 +206,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator.print(f"fine-tuning {model_name(accelerator, model)} ({source}) for {num_classes} classes at "
                       f"{image_size}px: {last_update} updates from step {state.step}, global batch "
                       f"{schedule.global_batch}, lr {schedule.lr:.3g}, {accelerator.num_processes} processes")
-    if not fit(accelerator, recipe, model, schedule, loader, state, guard, checkpoints, tracker, loss_of,
-               evaluate if val_loader is not None else None, "finetune"):
-        return None
+    fit(accelerator, recipe, model, schedule, loader, state, guard, checkpoints, tracker, loss_of,
+        evaluate if val_loader is not None else None, "finetune")
     result = evaluate() if val_loader is not None else None
     export_classifier(accelerator, model, class_names, num_classes, export_dir, tower_args(recipe.model.encoder))
     tracker.close()

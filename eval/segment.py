@@ -36,7 +36,9 @@ from eval.tuning import (
     recorded_class_names,
     save_with_recipe,
     training_stream_options,
+    with_class_count,
 )
+from pretrain.checkpoints import load_for_export
 from pretrain.compiling import compile_blocks
 from pretrain.data.segmentation import IGNORE_INDEX, build_segmentation_loader
 from pretrain.recipe import NonNegativeInt, PositiveInt, load_recipe, recipe_to_dict, save_recipe, trainer_arguments
@@ -103,9 +105,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     recipe = load_recipe(args.recipe, SegmentRecipe, args.overrides)
     if not recipe.model.encoder:
         raise ValueError("model.encoder is empty: name an exported tower folder or an architecture")
-    if not recipe.data.train_shards:
+    if not recipe.data.train_shards and not args.export_from:
         raise ValueError("data.train_shards is empty: segmentation needs image + mask training shards")
     num_classes = class_count(recipe, recorded_class_names(recipe.data.train_shards))
+    recipe = with_class_count(recipe, num_classes)
     run_dir = Path(recipe.train.output_dir)
     accelerator = build_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed, device_specific=True)
@@ -114,6 +117,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     compile_blocks(model, recipe.train.compile)
+    export_dir = Path(args.export_to or run_dir / "model")
+    if args.export_from:
+        model = load_for_export(accelerator, model, recipe.optim, run_dir / "checkpoints", args.export_from,
+                                layer_decay=recipe.model.layer_decay)
+        save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir,
+                         num_classes)
+        return None
     crop, cfg = recipe.model.crop_size, model.pretrained_cfg
     shared = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
                   num_workers=recipe.data.num_workers, mean=cfg["mean"], std=cfg["std"])
@@ -127,12 +137,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     model, state, guard, checkpoints = prepare_training(accelerator, recipe, model, schedule, loader, run_dir,
                                                         val_loader is not None)
     input_dtype = next(model.parameters()).dtype  # DeepSpeed's bf16 mode holds (and expects) bf16 inputs
-    export_dir = Path(args.export_to or run_dir / "model")
-    if args.export_from:
-        checkpoints.restore(args.export_from)
-        save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir,
-                         num_classes)
-        return None
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
@@ -166,9 +170,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator.print(f"segmentation fine-tuning of {model_name(accelerator, model)} ({source}) for {num_classes} "
                       f"classes at {crop}px: {last_update} updates from step {state.step}, global batch "
                       f"{schedule.global_batch}, lr {schedule.lr:.3g}, {accelerator.num_processes} processes")
-    if not fit(accelerator, recipe, model, schedule, loader, state, guard, checkpoints, tracker, loss_of,
-               evaluate if val_loader is not None else None, "segment"):
-        return None
+    fit(accelerator, recipe, model, schedule, loader, state, guard, checkpoints, tracker, loss_of,
+        evaluate if val_loader is not None else None, "segment")
     result = evaluate() if val_loader is not None else None
     save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir,
                      num_classes)

@@ -84,8 +84,9 @@ def max_lr(optimizer: torch.optim.Optimizer) -> float:
 def fit(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, loader: ShardLoader,
         state: TrainState, guard: NonFiniteGuard, checkpoints: CheckpointManager, tracker: Tracker,
         loss_of: Callable[[object], tuple[torch.Tensor, int]], evaluate: Callable[[], dict] | None,
-        description: str) -> bool:
-    """Train until ``train.max_steps`` or the schedule's end; False when a signal stopped it (checkpoint saved).
+        description: str) -> None:
+    """Train until ``train.max_steps`` or the schedule's end. A signal (SIGTERM, SIGINT) stops it after the current
+    update: a checkpoint is saved and ``SystemExit`` raised with ``StopSignal.exit_status``.
 
     ``loss_of(batch)`` returns the batch's loss and image count; ``evaluate`` (if any) runs every
     ``train.eval_every`` epochs before the last update (the caller evaluates at the end).
@@ -133,11 +134,10 @@ def fit(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, 
                 if stopping:
                     accelerator.print(f"stopped by {stop.received} at step {state.step}; resume with train.resume=auto")
                     tracker.close()
-                    return False
+                    raise SystemExit(stop.exit_status)
                 if state.step >= last_update:
                     break
     bar.close()
-    return True
 
 
 def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, description: str, out_dir: Path,
@@ -148,17 +148,18 @@ def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, descrip
     reads (its ``config.json`` and ``model.safetensors``, whose weights the saved state dict then replaces)."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        rebuilding = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_classes=num_classes))
         with atomic_directory(out_dir) as staging:
             save_file({key: value.detach().float().cpu().contiguous() for key, value in state_dict.items()},
                       str(staging / "model.safetensors"))
-            save_recipe(rebuilding, staging / "recipe.yaml")
+            save_recipe(with_class_count(recipe, num_classes), staging / "recipe.yaml")
         accelerator.print(f"saved {description} to {out_dir}")
     accelerator.wait_for_everyone()
 
 
 def recorded_class_names(shards: str) -> list[str] | None:
     """The ``class_names`` of the shards' ``dataset.json``, or None where it records none (or there is none)."""
+    if not shards:
+        return None
     try:
         names = read_dataset_info(shards).get("class_names")
     except FileNotFoundError:
@@ -170,9 +171,15 @@ def class_count(recipe, class_names: list | None) -> int:
     """``model.num_classes``, else the number of ``class_names`` recorded with the training shards."""
     num_classes = recipe.model.num_classes or len(class_names or [])
     if not num_classes:
-        raise ValueError(f"the dataset.json of {recipe.data.train_shards} records no class_names: set "
-                         "model.num_classes")
+        raise ValueError(f"no class names are recorded with data.train_shards={recipe.data.train_shards!r} (no "
+                         "dataset.json there, or none with class_names): set model.num_classes")
     return num_classes
+
+
+def with_class_count(recipe, num_classes: int):
+    """``recipe`` with ``model.num_classes`` set, so that the recipes a run saves rebuild and export its model
+    without the training shards."""
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_classes=num_classes))
 
 
 def training_stream_options(recipe) -> dict:

@@ -191,12 +191,14 @@ class CheckpointManager:
                 shutil.rmtree(path)
 
 
-def load_for_export(accelerator: Accelerator, model, optim, directory: str | Path, checkpoint: str | Path):
-    """Prepare ``model`` with the optimizer the recipe section ``optim`` built for training (DeepSpeed's engine reads
-    its weight shards through both) and load ``checkpoint`` into them, for exporting. Nothing else is registered,
-    so the data loader and LR schedule the run saved stay unread: an export needs neither the training data nor its
-    layout. Returns the prepared model."""
-    optimizer = build_optimizer(model, optim.lr or optim.base_lr, optim.weight_decay, optim.betas, optim.eps)
+def load_for_export(accelerator: Accelerator, model, optim, directory: str | Path, checkpoint: str | Path,
+                    layer_decay: float | None = None):
+    """Prepare ``model`` with the optimizer the recipe section ``optim`` (and ``layer_decay``, for fine-tuning) built
+    for training (DeepSpeed's engine reads its weight shards through both) and load ``checkpoint`` into them, for
+    exporting. Nothing else is registered, so the data loader and LR schedule the run saved stay unread: an export
+    needs neither the training data nor its layout. Returns the prepared model."""
+    optimizer = build_optimizer(model, optim.lr or optim.base_lr, optim.weight_decay, optim.betas, optim.eps,
+                                layer_decay=layer_decay)
     model, _ = accelerator.prepare(model, optimizer)
     checkpoints = CheckpointManager(accelerator, directory)
     found = checkpoints.find(checkpoint)

@@ -118,8 +118,9 @@ class StopSignal:
     """Context manager that turns SIGTERM and SIGINT into a request to stop at the next step boundary.
 
     Inside the ``with`` block the signals only set :attr:`requested`; the trainer polls :meth:`should_stop`,
-    saves a checkpoint and returns. A second SIGINT raises ``KeyboardInterrupt`` at once, for when the
-    clean exit hangs. The previous handlers are restored on exit. Signals can only be handled in the main thread.
+    saves a checkpoint and exits with :attr:`exit_status`. A second SIGINT raises ``KeyboardInterrupt`` at once,
+    for when the clean exit hangs. The previous handlers are restored on exit. Signals can only be handled in the
+    main thread.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -138,6 +139,13 @@ class StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    @property
+    def exit_status(self) -> int:
+        """The status a stopped run exits with, 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell
+        reports a process the signal ended, so that job scripts and schedulers do not take the run for finished;
+        SIGTERM's where the stop was asked on another process."""
+        return 128 + (signal.Signals[self.received] if self.received else signal.SIGTERM)
 
     def should_stop(self, accelerator: Accelerator | None = None) -> bool:
         """True when a stop was requested on this process or, with an ``accelerator``, on any process.

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                 if stopping:
                     accelerator.print(f"stopped by {stop.received} at step {state.step}; resume with train.resume=auto")
                     tracker.close()
-                    return
+                    raise SystemExit(stop.exit_status)
                 if state.step >= last_update:
                     break
     bar.close()

@@ -222,6 +222,12 @@ def test_resumed_detection_matches_an_uninterrupted_one(canvases, tower, tmp_pat
     expected = load_file(str(straight / "model" / "model.safetensors"))
     for key, value in load_file(str(resumed / "model" / "model.safetensors")).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # An export from the last checkpoint needs neither the shards nor the loader layout.
+    detect.main([str(resumed / "recipe.yaml"), f"data.train_shards={tmp_path / 'moved'}", "data.num_workers=3",
+                 "--export-from", str(resumed / "checkpoints" / "step_00000008"), "--export-to",
+                 str(tmp_path / "later")])
+    for key, value in load_file(str(tmp_path / "later" / "model.safetensors")).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_bad_boxes_fail_naming_the_sample(canvases, tower, tmp_path):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from eval.accuracy import eval_mode, topk_accuracy
 from pretrain.data import build_loader, write_demo
 from pretrain.export import export_timm
 from pretrain.optim import param_groups
+from pretrain.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = ROOT / "recipes" / "demo_finetune_vig_t.yaml"
@@ -98,11 +101,32 @@ def test_resumed_finetuning_matches_an_uninterrupted_one(digits, tmp_path):
     expected = load_file(str(straight / "model" / "model.safetensors"))
     for key, value in load_file(str(resumed / "model" / "model.safetensors")).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
-    # Exporting the last checkpoint later gives the same classifier as the export at the end of the run.
-    finetune.main([str(DEMO_RECIPE), *overrides(digits, straight), "--export-from",
-                   str(straight / "checkpoints" / "step_00000008"), "--export-to", str(tmp_path / "later")])
+    # Exporting the last checkpoint later gives the same classifier as the export at the end of the run, from the
+    # run's saved recipe (which records the class count), with the shards gone and another loader layout.
+    finetune.main([str(straight / "recipe.yaml"), f"data.train_shards={tmp_path / 'moved'}", "data.num_workers=3",
+                   "--export-from", str(straight / "checkpoints" / "step_00000008"), "--export-to",
+                   str(tmp_path / "later")])
     for key, value in load_file(str(tmp_path / "later" / "model.safetensors")).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    later = json.loads((tmp_path / "later" / "config.json").read_text())
+    assert later["num_classes"] == 10 and "label_names" not in later  # the names were in the moved shards' folder
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_unfinished(digits, tmp_path, monkeypatch):
+    log = Tracker.log
+
+    def log_then_signal(self, scalars, step):
+        log(self, scalars, step)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Tracker, "log", log_then_signal)
+    with pytest.raises(SystemExit) as exited:
+        finetune.main([str(DEMO_RECIPE), *overrides(digits, tmp_path, **{"train.max_steps": 8,
+                                                                          "train.checkpoint_every": 3})])
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+    assert not (tmp_path / "model").exists()
 
 
 def test_mixup_with_timm_augmentation_trains(digits, tmp_path):

@@ -481,10 +481,14 @@ def test_stop_signal_catches_sigterm_and_restores_handlers():
     with StopSignal() as stop:
         assert not stop.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.should_stop() and stop.received == "SIGTERM"
+        assert stop.should_stop() and stop.received == "SIGTERM" and stop.exit_status == 143
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # a second signal while stopping: interrupt at once
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with StopSignal() as interrupted:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted.should_stop() and interrupted.exit_status == 130
+    assert StopSignal().exit_status == 143  # stopped because another process was signalled
 
 
 # --- tracking --------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from pretrain.data import write_demo
 from pretrain.export import export_timm, sub_state_dict
 from pretrain.masked_autoencoder import MaskedAutoencoder, patchify, random_keep, unpatchify
 from pretrain.recipe import RecipeError
+from pretrain.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = ROOT / "recipes" / "demo_mae_vig_t.yaml"
@@ -195,6 +198,28 @@ def test_nonfinite_losses_stop_the_run_naming_the_step(digits, tmp_path, monkeyp
     monkeypatch.setattr(MaskedAutoencoder, "forward", nan_loss)
     with pytest.raises(RuntimeError, match=r"step 2.*3"):
         mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, tmp_path, **{"train.max_nonfinite": 3})])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_unfinished(digits, tmp_path, monkeypatch):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, straight, **{"train.max_steps": 4})])
+    log = Tracker.log
+
+    def log_then_signal(self, scalars, step):
+        log(self, scalars, step)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as Slurm or Kubernetes would, in the middle of an update
+
+    monkeypatch.setattr(Tracker, "log", log_then_signal)
+    with pytest.raises(SystemExit) as exited:
+        mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, stopped, **{"train.max_steps": 4})])
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step_00000001"]
+    assert not (stopped / "encoder").exists()
+    monkeypatch.undo()
+    mae.main([str(DEMO_RECIPE), *tiny_overrides(digits, stopped, **{"train.max_steps": 4})])
+    for key, value in final_encoder(straight).items():
+        torch.testing.assert_close(final_encoder(stopped)[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_exported_encoder_loads_into_timm_with_the_same_features(tmp_path):
