@@ -88,6 +88,31 @@ def load_class_names(spec: str | os.PathLike | None, shards: str | os.PathLike |
     return [name for _, name in names]
 
 
+def warn_if_other_than_recorded(class_names: Sequence[str], shards: str | os.PathLike | Sequence[str]) -> None:
+    """Log a warning where the shards' ``dataset.json`` records class names that ``class_names`` does not match: more
+    names than the data's classes make the task harder than the benchmark, and names in another order score the
+    wrong label. Other spellings of the same classes (prompt-friendly names) are legitimate, hence no error."""
+    try:
+        recorded = read_dataset_info(shards).get("class_names")
+    except (FileNotFoundError, ValueError):
+        return
+    if not recorded:
+        return
+    recorded = [str(name) for name in recorded]
+    where = _info_location(shards)
+    if len(class_names) != len(recorded):
+        logger.warning("%d class names for shards whose dataset.json (in %s) records %d classes: the classifier "
+                       "chooses among %d, so accuracy is not that of the recorded %d-class task", len(class_names),
+                       where, len(recorded), len(class_names), len(recorded))
+        return
+    differing = [index for index, (given, kept) in enumerate(zip(class_names, recorded)) if given != kept]
+    if differing:
+        first = differing[0]
+        logger.warning("%d of the %d class names differ from those recorded in the dataset.json in %s (first: label "
+                       "%d is %r there, %r here); fine for other spellings, wrong for another order", len(differing),
+                       len(recorded), where, first, recorded[first], class_names[first])
+
+
 def load_templates(spec: str | os.PathLike, shards: str | os.PathLike | None = None) -> list[str]:
     """Prompt templates as format strings with one ``{}`` where the class name goes.
 
@@ -251,6 +276,7 @@ def zero_shot(model: nn.Module, tokenizer: Callable, shards: str | os.PathLike |
                          "on every rank with rank=<its index> and world_size=<number of processes>")
     if class_names is None or isinstance(class_names, (str, os.PathLike)):
         class_names = load_class_names(class_names, shards)
+    warn_if_other_than_recorded(class_names, shards)
     templates = load_templates(templates, shards) if isinstance(templates, (str, os.PathLike)) \
         else _template_strings(templates)
     overlap = template_overlap(templates, shards)

@@ -25,6 +25,7 @@ from eval.zeroshot import (
     load_class_names,
     load_templates,
     main,
+    warn_if_other_than_recorded,
     zero_shot,
 )
 from pretrain.data import (
@@ -120,20 +121,28 @@ def nearest_class_mean_top1(model: OracleCLIP, val_shards) -> float:
     return 100 * (predictions == labels).float().mean().item()
 
 
-def test_oracle_is_accurate_and_shuffled_class_names_are_not(demo):
+def test_oracle_is_accurate_and_shuffled_class_names_are_not(demo, caplog):
     model = oracle(demo / "train")
     tokenizer = open_clip.SimpleTokenizer()
     expected = nearest_class_mean_top1(model, demo / "val")
-    result = zero_shot(model, tokenizer, demo / "val", templates="digits_heldout", batch_size=16, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="eval.zeroshot"):
+        result = zero_shot(model, tokenizer, demo / "val", templates="digits_heldout", batch_size=16, num_workers=0)
     assert result["samples"] == VAL_SIZE and result["classes"] == 10 and result["templates"] == 6
     assert result["top1"] == pytest.approx(expected)
     assert result["top1"] > 70 and result["top5"] >= result["top1"]
-    assert result["overlapping_templates"] == []
+    assert result["overlapping_templates"] == [] and caplog.text == ""
 
     rolled = [DIGITS_CLASSES[(index + 1) % 10] for index in range(10)]  # every name on the wrong label
-    shuffled = zero_shot(model, tokenizer, demo / "val", class_names=rolled, templates="digits_heldout",
-                         batch_size=16, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="eval.zeroshot"):
+        shuffled = zero_shot(model, tokenizer, demo / "val", class_names=rolled, templates="digits_heldout",
+                             batch_size=16, num_workers=0)
     assert shuffled["top1"] < 20
+    assert "10 of the 10 class names differ" in caplog.text
+    assert f"label 0 is {DIGITS_CLASSES[0]!r} there, {DIGITS_CLASSES[1]!r} here" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eval.zeroshot"):
+        warn_if_other_than_recorded([*DIGITS_CLASSES, "ten"], demo / "val")
+    assert "11 class names for shards whose dataset.json" in caplog.text and "records 10 classes" in caplog.text
 
 
 def test_dataset_templates_are_flagged_as_overlapping(demo, caplog):
