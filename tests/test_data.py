@@ -25,6 +25,7 @@ from pretrain.data import (
     ShardSample,
     build_loader,
     caption_file_source,
+    expand_shards,
     image_folder_source,
     read_dataset_info,
     template_captions,
@@ -241,6 +242,20 @@ def test_rerun_rewrites_only_incomplete_shards(tmp_path, digits):
     relabelled = [ShardSample(sample.image, label=sample.label, caption="new") for sample in samples]
     third = write_shards(relabelled, tmp_path, max_samples_per_shard=10, progress=False)
     assert len(third.written) == 4, "changed content must not reuse old shards"
+
+
+def test_shards_left_by_an_earlier_write_are_named(tmp_path, digits, caplog):
+    images, labels = digits
+    samples = [ShardSample(ArrayImage(images[i]), label=int(labels[i])) for i in range(30)]
+    write_shards(samples, tmp_path, max_samples_per_shard=10, progress=False)
+    with caplog.at_level("WARNING", logger="pretrain.data.writer"):
+        write_shards(samples[:20], tmp_path, max_samples_per_shard=10, progress=False)  # a smaller plan
+    assert "already holds 1 shards that this write does not replace (first shard-000002.tar)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pretrain.data.writer"):
+        summary = write_shards(samples, tmp_path, prefix="train", max_samples_per_shard=10, progress=False)
+    assert "already holds 3 shards that this write does not replace (first shard-000000.tar)" in caplog.text
+    assert expand_shards(str(tmp_path)) == [str(tmp_path / name) for name in summary.shards]
 
 
 def test_shards_respect_the_byte_limit_and_unreadable_files_are_left_out(tmp_path, digits):

@@ -121,7 +121,7 @@ def write_shards(
         order = np.random.default_rng(shuffle_seed).permutation(len(readable))
     spans = _plan_shards([planned_bytes[i] for i in order], max_samples_per_shard, max_shard_bytes)
     tasks = _shard_tasks(out_dir, prefix, spans, [readable[i] for i in order], [identities[i] for i in order])
-    _warn_about_stale_shards(out_dir, prefix, {task.name for task in tasks})
+    _warn_about_other_shards(out_dir, {task.name for task in tasks})
 
     journal = _read_journal(out_dir)
     todo = [task for task in tasks if not _is_complete(task, journal)]
@@ -345,14 +345,16 @@ def _remove_temporaries(out_dir: str) -> None:
             os.unlink(os.path.join(out_dir, name))
 
 
-def _warn_about_stale_shards(out_dir: str, prefix: str, planned: set[str]) -> None:
-    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
-    stale = sorted(name for name in os.listdir(out_dir) if pattern.fullmatch(name) and name not in planned)
-    if stale:
+def _warn_about_other_shards(out_dir: str, planned: set[str]) -> None:
+    """Shards this write leaves in place: an earlier, larger plan's, or another ``--prefix``'s. Reading the directory
+    goes by ``sizes.json``, which lists this write's alone, but a glob would mix the others in."""
+    pattern = re.compile(r".+-\d{6}\.tar")
+    others = sorted(name for name in os.listdir(out_dir) if pattern.fullmatch(name) and name not in planned)
+    if others:
         logger.warning(
-            "%s holds %d shards from an earlier, larger plan (first %s); sizes.json does not list them, "
-            "but a glob such as %s-*.tar would pick them up",
-            out_dir, len(stale), stale[0], prefix,
+            "%s already holds %d shards that this write does not replace (first %s): the directory reads only the "
+            "%d listed in sizes.json, but a glob such as %s would mix them in; delete them or write elsewhere",
+            out_dir, len(others), others[0], len(planned), os.path.join(out_dir, "*.tar"),
         )
 
 
