@@ -23,8 +23,9 @@ from timm.optim import Lars
 from torch import nn
 
 import vig  # noqa: F401  (registers the architectures with timm)
+from pretrain.atomic import write_atomically
 from pretrain.data import DeviceNormalize, build_loader
-from pretrain.recipe import at_least
+from pretrain.recipe import at_least, run_tool
 
 
 def load_encoder(folder: Path, random_init: bool) -> nn.Module:
@@ -127,11 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
               "top5": accuracy(logits, val_y, 5), "train_samples": len(train_x), "val_samples": len(val_x),
               "feature_dim": train_x.shape[1], "epochs": args.epochs}
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_atomically(args.output, (json.dumps(result, indent=2) + "\n").encode())
     print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

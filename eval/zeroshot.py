@@ -43,6 +43,7 @@ import vig  # noqa: F401  (registers our timm towers, and the ViG/Vim open_clip 
 from eval.accuracy import AutocastFactory, distributed, eval_mode, topk_accuracy
 from pretrain.atomic import write_atomically
 from pretrain.data import build_loader, expand_shards, read_dataset_info
+from pretrain.recipe import run_tool
 
 logger = logging.getLogger("eval.zeroshot")  # also when run as python -m eval.zeroshot
 
@@ -386,4 +387,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

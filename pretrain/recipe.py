@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +80,15 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def run_tool(main: Callable[[], object]) -> None:
+    """Run a command-line tool's ``main``: bad input (a missing file, a wrong value) ends it with ``error: ...`` on
+    stderr and status 1, as ``python -m pretrain.data`` does, instead of a traceback."""
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as exn:
+        sys.exit(f"error: {exn}")
 
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import fnmatch
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +351,18 @@ def test_cli_errors_name_the_problem(tmp_path, demo, registered_config):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG}))
         main(["--model", f"local-dir:{tmp_path / 'empty'}", "--shards", val, "--device", "cpu"])
+
+
+def test_tools_end_bad_input_with_an_error_line_instead_of_a_traceback(tmp_path):
+    cases = [("eval.zeroshot", ["--model", "ViG-T-16", "--shards", str(tmp_path / "val-{000000..000003}.tar")],
+              "matches no files"),
+             ("eval.linear_probe", ["--encoder", str(tmp_path), "--train-shards", "a", "--val-shards", "b"],
+              f"{tmp_path / 'config.json'} not found")]
+    for module, arguments, message in cases:
+        done = subprocess.run([sys.executable, "-m", module, *arguments], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, (module, done.stderr)
+        assert done.stderr.startswith("error: ") and message in done.stderr, (module, done.stderr)
 
 
 # ------------------------------------------------------------------------------------------------ two ranks
