@@ -24,13 +24,14 @@ from accelerate.utils import set_seed
 from eval.accuracy import eval_mode
 from eval.box_map import detection_scores
 from eval.detector import Detector
-from eval.finetune import create_classifier, model_name
+from eval.finetune import create_classifier, model_name, tower_config
 from eval.tuning import (
     append_metrics,
     build_schedule,
     class_count,
     fit,
     prepare_training,
+    rebuild_exported,
     recorded_class_names,
     save_with_recipe,
     training_stream_options,
@@ -91,8 +92,13 @@ class DetectRecipe:
     train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
 
 
-def create_detector(model: DetectModelSection, num_classes: int) -> Detector:
-    tower = create_classifier(model.encoder, 0, model.image_size, model.drop_path_rate)
+def load_detector(folder: str | Path) -> Detector:
+    """The detector exported to ``folder`` (``<output_dir>/model``), in eval mode, from that folder alone."""
+    return rebuild_exported(folder, DetectRecipe, create_detector)
+
+
+def create_detector(model: DetectModelSection, num_classes: int, tower_weights: bool = True) -> Detector:
+    tower = create_classifier(model.encoder, 0, model.image_size, model.drop_path_rate, tower_weights)
     return Detector(tower, num_classes, model.image_size, model.fpn_dim, model.box_head_dim,
                     tuple(model.anchor_sizes), model.detections_per_image, model.proposals, model.rois_per_image)
 
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = load_for_export(accelerator, model, recipe.optim, run_dir / "checkpoints", args.export_from,
                                 layer_decay=recipe.model.layer_decay)
         save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir,
-                         num_classes)
+                         num_classes, tower_config(recipe.model.encoder))
         return None
     size = recipe.model.image_size
     shared = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         evaluate if val_loader is not None else None, "detect")
     result = evaluate() if val_loader is not None else None
     save_with_recipe(accelerator, model, recipe, f"the detector ({num_classes} classes)", export_dir,
-                     num_classes)
+                     num_classes, tower_config(recipe.model.encoder))
     tracker.close()
     return result
 

@@ -57,18 +57,27 @@ def tower_args(encoder: str) -> dict:
     return {key: value for key, value in model_args.items() if key != "num_classes"}
 
 
-def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop_path_rate: float) -> nn.Module:
+def tower_config(encoder: str) -> dict:
+    """What rebuilds the tower ``encoder`` names without its weights: an exported tower's ``config.json``, or
+    ``{"architecture": name}`` for an architecture name."""
+    config_path = Path(encoder) / "config.json"
+    return json.loads(config_path.read_text()) if config_path.is_file() else {"architecture": encoder}
+
+
+def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop_path_rate: float,
+                      tower_weights: bool = True) -> nn.Module:
     """A classifier with a freshly initialised head on an exported tower's weights, or on a random tower when
-    ``encoder`` names an architecture instead of a folder."""
+    ``encoder`` names an architecture instead of a folder. ``tower_weights=False`` builds an exported tower's
+    architecture alone (its folder then needs only ``config.json``), for weights loaded afterwards."""
     args = dict(num_classes=num_classes, drop_path_rate=drop_path_rate, **({"img_size": img_size} if img_size else {}))
     folder = Path(encoder)
     if folder.is_dir():
         config_path, weights = folder / "config.json", folder / "model.safetensors"
-        if not config_path.is_file() or not weights.is_file():
+        if not config_path.is_file() or (tower_weights and not weights.is_file()):
             raise FileNotFoundError(f"{folder} is not an exported tower: it needs config.json and model.safetensors")
         config = json.loads(config_path.read_text())
-        model = timm.create_model(config["architecture"], pretrained=True,
-                                  pretrained_cfg_overlay=dict(file=str(weights)), **{**tower_args(encoder), **args})
+        loading = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights))) if tower_weights else {}
+        model = timm.create_model(config["architecture"], **loading, **{**tower_args(encoder), **args})
         model.pretrained_cfg = {**model.pretrained_cfg, **config.get("pretrained_cfg", {})}
     elif encoder in timm.list_models():
         model = timm.create_model(encoder, **args)

@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from eval.accuracy import eval_mode
-from eval.finetune import create_classifier, model_name
+from eval.finetune import create_classifier, model_name, tower_config
 from eval.miou import segmentation_scores
 from eval.segmenter import Segmenter
 from eval.tuning import (
@@ -33,6 +33,7 @@ from eval.tuning import (
     class_count,
     fit,
     prepare_training,
+    rebuild_exported,
     recorded_class_names,
     save_with_recipe,
     training_stream_options,
@@ -85,9 +86,14 @@ class SegmentRecipe:
     train: FinetuneTrainSection = field(default_factory=FinetuneTrainSection)
 
 
-def create_segmenter(model: SegmentModelSection, num_classes: int) -> Segmenter:
-    tower = create_classifier(model.encoder, 0, model.crop_size, model.drop_path_rate)
+def create_segmenter(model: SegmentModelSection, num_classes: int, tower_weights: bool = True) -> Segmenter:
+    tower = create_classifier(model.encoder, 0, model.crop_size, model.drop_path_rate, tower_weights)
     return Segmenter(tower, num_classes, model.decoder_dim, model.dropout)
+
+
+def load_segmenter(folder: str | Path) -> Segmenter:
+    """The segmenter exported to ``folder`` (``<output_dir>/model``), in eval mode, from that folder alone."""
+    return rebuild_exported(folder, SegmentRecipe, create_segmenter)
 
 
 def check_masks(masks: torch.Tensor, keys: list[str], num_classes: int, shards: str) -> None:
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = load_for_export(accelerator, model, recipe.optim, run_dir / "checkpoints", args.export_from,
                                 layer_decay=recipe.model.layer_decay)
         save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir,
-                         num_classes)
+                         num_classes, tower_config(recipe.model.encoder))
         return None
     crop, cfg = recipe.model.crop_size, model.pretrained_cfg
     shared = dict(rank=accelerator.process_index, world_size=accelerator.num_processes,
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         evaluate if val_loader is not None else None, "segment")
     result = evaluate() if val_loader is not None else None
     save_with_recipe(accelerator, model, recipe, f"the segmenter ({num_classes} classes)", export_dir,
-                     num_classes)
+                     num_classes, tower_config(recipe.model.encoder))
     tracker.close()
     return result
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pretrain.atomic import atomic_directory, write_atomically
@@ -22,8 +22,10 @@ from pretrain.checkpoints import CheckpointManager, TrainState
 from pretrain.data import ShardLoader, read_dataset_info
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr, warmup_updates
-from pretrain.recipe import save_recipe
+from pretrain.recipe import load_recipe, save_recipe
 from pretrain.tracking import Throughput, Tracker, progress_bar
+
+TOWER_FOLDER = "tower"  # in a save_with_recipe export: the tower's config.json
 
 
 @dataclass
@@ -141,19 +143,36 @@ def fit(accelerator: Accelerator, recipe, model: nn.Module, schedule: Schedule, 
 
 
 def save_with_recipe(accelerator: Accelerator, model: nn.Module, recipe, description: str, out_dir: Path,
-                     num_classes: int) -> None:
-    """The whole fine-tuned model (``model.safetensors``, fp32) and the recipe that rebuilds it, written atomically
-    to ``out_dir`` by the main process. The saved recipe records the class count as ``model.num_classes``, so
-    rebuilding needs no shards; ``model.encoder`` still names the exported tower it started from, which rebuilding
-    reads (its ``config.json`` and ``model.safetensors``, whose weights the saved state dict then replaces)."""
+                     num_classes: int, tower_config: dict) -> None:
+    """The whole fine-tuned model (``model.safetensors``, fp32), the recipe that built it and the tower's
+    architecture (``tower/config.json``: ``tower_config``, an exported tower's ``config.json``), written atomically
+    to ``out_dir`` by the main process; :func:`rebuild_exported` needs nothing else. The saved recipe records the
+    class count as ``model.num_classes``."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         with atomic_directory(out_dir) as staging:
             save_file({key: value.detach().float().cpu().contiguous() for key, value in state_dict.items()},
                       str(staging / "model.safetensors"))
             save_recipe(with_class_count(recipe, num_classes), staging / "recipe.yaml")
+            (staging / TOWER_FOLDER).mkdir()
+            (staging / TOWER_FOLDER / "config.json").write_text(json.dumps(tower_config, indent=2) + "\n")
         accelerator.print(f"saved {description} to {out_dir}")
     accelerator.wait_for_everyone()
+
+
+def rebuild_exported(folder: str | Path, recipe_class: type, create: Callable[..., nn.Module]) -> nn.Module:
+    """The model a :func:`save_with_recipe` export holds, in eval mode, from that folder alone:
+    ``create(model_section, num_classes, tower_weights=False)`` builds the architecture with the tower of
+    ``tower/config.json``, and ``model.safetensors`` fills it."""
+    folder = Path(folder)
+    for needed in ("recipe.yaml", "model.safetensors", f"{TOWER_FOLDER}/config.json"):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(f"{folder / needed} not found: {folder} is not an export of this trainer")
+    recipe = load_recipe(folder / "recipe.yaml", recipe_class)
+    model = create(dataclasses.replace(recipe.model, encoder=str(folder / TOWER_FOLDER)), recipe.model.num_classes,
+                   tower_weights=False)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
 
 
 def recorded_class_names(shards: str) -> list[str] | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -199,19 +200,23 @@ def test_detection_learns_the_derived_canvases(canvases, tower, tmp_path):
     loader = build_detection_loader(canvases / "val", False, 16, 64, num_workers=0)
     with eval_mode(untrained):
         before = detection_scores(untrained, loader, 1, "cpu")
-    result = detect.main([str(DEMO_RECIPE), *overrides(canvases, tmp_path, tower)])
+    own_tower = shutil.copytree(tower, tmp_path / "tower")
+    result = detect.main([str(DEMO_RECIPE), *overrides(canvases, tmp_path, own_tower)])
     assert result["samples"] == before["samples"] == 64
     # Measured 2026-12-06: untrained AP50 0.00, after 48 updates (3 epochs of 16) AP50 43.9, AP 9.9.
     assert before["ap50"] < 5 and result["ap50"] > before["ap50"] + 25, (before, result)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [48] and metrics[-1] == result
-    # The exported detector scores the same when rebuilt from its recipe.
+    # The exported detector scores the same when rebuilt from its folder alone (the tower it started from is gone).
     saved = load_recipe(tmp_path / "model" / "recipe.yaml", detect.DetectRecipe)
     assert saved.model.num_classes == 1  # recorded, although the recipe left it to the shards
-    rebuilt = detect.create_detector(saved.model, saved.model.num_classes)
-    rebuilt.load_state_dict(load_file(str(tmp_path / "model" / "model.safetensors")))
-    with eval_mode(rebuilt):
-        assert detection_scores(rebuilt, loader, 1, "cpu")["ap"] == pytest.approx(result["ap"])
+    shutil.rmtree(own_tower)
+    rebuilt = detect.load_detector(tmp_path / "model")
+    assert not rebuilt.training
+    assert detection_scores(rebuilt, loader, 1, "cpu")["ap"] == pytest.approx(result["ap"])
+    with pytest.raises(FileNotFoundError, match="tower/config.json not found"):
+        shutil.rmtree(tmp_path / "model" / "tower")
+        detect.load_detector(tmp_path / "model")
 
 
 def test_resumed_detection_matches_an_uninterrupted_one(canvases, tower, tmp_path):
@@ -304,11 +309,9 @@ def test_two_process_run_evaluates_every_validation_image_once(tower, tmp_path):
     # by ~1e-5 (CPU kernels) without crossing an IoU or score threshold: the scores are equal exactly (as they were
     # for every batch size from 1 to 63, with 1 or 2 threads, when measured).
     recipe = load_recipe(run / "model" / "recipe.yaml", detect.DetectRecipe)
-    model = detect.create_detector(recipe.model, 1)
-    model.load_state_dict(load_file(str(run / "model" / "model.safetensors")))
+    model = detect.load_detector(run / "model")
     loader = build_detection_loader(data / "val", False, recipe.optim.batch_size, recipe.model.image_size,
                                     num_workers=0)
-    with eval_mode(model):
-        single = detection_scores(model, loader, 1, "cpu")
+    single = detection_scores(model, loader, 1, "cpu")
     assert single["samples"] == 63
     assert {name: single[name] for name in STAT_NAMES} == {name: final[name] for name in STAT_NAMES}, (single, final)

@@ -17,7 +17,6 @@ from two_processes import run_two_processes
 
 import vig  # noqa: F401  (registers the architectures with timm)
 from eval import segment
-from eval.accuracy import eval_mode
 from eval.miou import confusion_matrix, scores, segmentation_scores
 from eval.segmenter import Segmenter
 from pretrain.data.segmentation import (
@@ -28,7 +27,6 @@ from pretrain.data.segmentation import (
 )
 from pretrain.export import export_timm
 from pretrain.optim import param_groups
-from pretrain.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = ROOT / "recipes" / "demo_segment_vig_t.yaml"
@@ -102,6 +100,11 @@ def test_segmentation_learns_the_derived_canvases(canvases, towers, tmp_path):
     assert [m["step"] for m in metrics] == [48, 96] and metrics[-1] == result
     weights = load_file(str(tmp_path / "model" / "model.safetensors"))
     assert weights["decode_head.classifier.weight"].shape[0] == 2
+    # Rebuilt from its folder alone, the exported segmenter scores the same.
+    rebuilt = segment.load_segmenter(tmp_path / "model")
+    loader = build_segmentation_loader(canvases / "val", False, 16, 64, num_workers=0,
+                                       mean=rebuilt.pretrained_cfg["mean"], std=rebuilt.pretrained_cfg["std"])
+    assert segmentation_scores(rebuilt, loader, 2, "cpu")["miou"] == pytest.approx(result["miou"])
 
 
 def test_resumed_segmentation_matches_an_uninterrupted_one(canvases, towers, tmp_path):
@@ -178,12 +181,9 @@ def test_two_process_run_evaluates_every_validation_image_once(towers, tmp_path)
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["samples"] == 63 and final["step"] == 4  # 64 canvases / (16 x 2 ranks) x 2 epochs
     # The ranks' summed confusion matrices equal one process evaluating the saved segmenter on all 63 images.
-    recipe = load_recipe(run / "model" / "recipe.yaml", segment.SegmentRecipe)
-    model = segment.create_segmenter(recipe.model, 2)
-    model.load_state_dict(load_file(str(run / "model" / "model.safetensors")))
+    model = segment.load_segmenter(run / "model")
     loader = build_segmentation_loader(data / "val", False, 16, 64, num_workers=0, mean=model.pretrained_cfg["mean"],
                                        std=model.pretrained_cfg["std"])
-    with eval_mode(model):
-        single = segmentation_scores(model, loader, 2, "cpu")
+    single = segmentation_scores(model, loader, 2, "cpu")
     assert single["samples"] == 63 and single["iou"] == final["iou"]
     assert single["loss"] == pytest.approx(final["loss"], rel=1e-4)
