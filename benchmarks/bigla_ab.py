@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,9 +50,11 @@ def other_version(base: str | None, patch: str | None, fused: str = FUSED) -> st
             return fh.read()
 
 
-def load_as_module(source: str, name: str):
-    """Import a copy of fused.py under another module name; its custom ops get their own namespace."""
+def load_as_module(source: str, name: str, package: str = "vig_kernels.bigla"):
+    """Import a copy of a fused.py under another module name; its custom ops get their own namespace, and its
+    imports from its package (``from .inputs import ...``) name ``package``."""
     source = source.replace("vig_kernels::", f"{name}::")
+    source = re.sub(r"^from \.(\w+) import", rf"from {package}.\1 import", source, flags=re.MULTILINE)
     path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
     with open(path, "w") as fh:
         fh.write(source)

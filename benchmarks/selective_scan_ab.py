@@ -33,7 +33,8 @@ def main():
     args = ap.parse_args()
     device = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    versions = {"A": fused, "B": load_as_module(other_version(None, args.patch, FUSED), "scan_candidate")}
+    versions = {"A": fused, "B": load_as_module(other_version(None, args.patch, FUSED), "scan_candidate",
+                                                 "vig_kernels.selective_scan")}
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; A = working tree, B = + {args.patch}; "
           "graph replay, µs, best of 2 alternating runs")
     print("| model | T | B | fwd A | fwd B | fwd+bwd A | fwd+bwd B | B/A fwd+bwd | B vs A (RMS ratio) |\n"

@@ -22,7 +22,9 @@ def _validated(name: str, source: str) -> str:
     return name
 
 
-_backend = _validated(os.environ.get("VIG_KERNELS", "auto"), "the VIG_KERNELS environment variable")
+# An empty VIG_KERNELS (VIG_KERNELS= in a job script) means the default, like an unset one.
+_backend = _validated(os.environ.get("VIG_KERNELS", "").strip().lower() or "auto",
+                      "the VIG_KERNELS environment variable")
 
 
 def get_backend() -> str:

@@ -158,7 +158,26 @@ def compile_cases():
         print(f"{'ok  ' if good else 'FAIL'} compile segments={segments}: opcheck "
               f"{failed or 'all SUCCESS'}, compiled vs eager gradient RMS ratio {worst:.1e}", flush=True)
         ok &= good
+    ok &= double_backward_is_refused()
     return ok
+
+
+def double_backward_is_refused():
+    """The kernel's backward is not itself differentiable: a gradient of a gradient (a gradient penalty) must
+    fail, not come out silently zero."""
+    leaves = [x.requires_grad_() for x in (torch.randn(1, 20, 1, 16) for _ in range(3))]
+    q, k, v = leaves
+    gates = [weak(torch.randn(1, 20, 1, 16)).requires_grad_() for _ in range(2)]
+    with vig_kernels.use_backend("triton"):
+        out = bigla(q, k, v, *gates)
+    (dq,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    try:
+        dq.pow(2).sum().backward()
+        refused = False
+    except RuntimeError as error:
+        refused = "once_differentiable" in str(error)
+    print(f"{'ok  ' if refused else 'FAIL'} double backward through the kernel is refused", flush=True)
+    return refused
 
 
 def run_cases(cases):

@@ -96,6 +96,32 @@ def test_shape_errors_are_clear():
         bigla(q[0], k, v, g_f, g_b)
     with pytest.raises(ValueError, match="sequence is empty"):
         bigla(q[:, :0], k[:, :0], v[:, :0], g_f[:, :0], g_b[:, :0])
+    with pytest.raises(TypeError, match="q, k and v must share one dtype, got torch.float32, torch.float16"):
+        bigla(q, k.half(), v, g_f, g_b)
+    bigla(q, k, v, g_f.double(), g_b.double())  # gates may come in another dtype (fp32 gates, bf16 q, k, v)
+    if HAS_TRITON:  # the kernel's own entry point checks the same before anything is launched
+        from vig_kernels.bigla.fused import bigla_triton
+        with pytest.raises(ValueError, match=r"k has shape \(1, 5, 2, 32\), expected q's shape \(1, 9, 2, 32\)"):
+            bigla_triton(q, k[:, :5], v, g_f, g_b)
+
+
+def test_reference_computes_in_fp32_under_autocast():
+    xs = _inputs(length=40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = bigla_reference(*xs)
+    torch.testing.assert_close(under_autocast, bigla_reference(*xs), rtol=1e-6, atol=1e-6)
+
+
+def test_empty_vig_kernels_means_auto():
+    script = "import vig_kernels; print(vig_kernels.get_backend())"
+    environment = {**os.environ, "VIG_KERNELS": ""}
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, cwd=ROOT,
+                          check=True)
+    assert done.stdout.strip() == "auto"
+    environment["VIG_KERNELS"] = "Reference "
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, cwd=ROOT,
+                          check=True)
+    assert done.stdout.strip() == "reference"
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -291,6 +317,16 @@ def test_gpu_dispatch_auto_uses_kernel_and_falls_back():
         torch.testing.assert_close(bigla(*odd), bigla_reference(*odd))
     with vig_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="head dim 24"):
         bigla(*odd)
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_nan_gate_stays_nan():
+    from vig_kernels.bigla import fused
+    q, k, v, g_f, g_b = _inputs(2, 50, 2, 32, 64, device="cuda", dtype=torch.bfloat16)
+    g_f[0, 20, 1, 3] = float("nan")  # a diverged run: the clamp must not turn it into GATE_MIN
+    out = fused.bigla_triton(q, k, v, g_f, g_b)
+    assert out[0, 20:, 1].isnan().all() and not out[1].isnan().any() and not out[0, :, 0].isnan().any()
 
 
 class Mixer(torch.nn.Module):

@@ -151,7 +151,7 @@ def test_bi_selective_scan_reference_matches_the_recurrence(length, step_scale):
 
 def test_bi_selective_scan_validates_shapes():
     u = torch.zeros(2, 1, 5, 6)
-    with pytest.raises(ValueError, match=r"A has shape \(2, 6\)"):
+    with pytest.raises(ValueError, match=r"A must have 3 dims, got shape \(2, 6\)"):
         vig_kernels.bi_selective_scan(u, u, torch.zeros(2, 6), torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4),
                                   torch.zeros(2, 6))
 

@@ -71,14 +71,33 @@ def test_unsupported_reasons_name_the_tensor():
 
 def test_shape_errors_are_clear():
     u, delta, A, B, C, D = _inputs()
-    with pytest.raises(ValueError, match=r"u must be \[2, B, T, E\]"):
+    with pytest.raises(ValueError, match=r"u must have 4 dims, got shape \(2, 9, 12\)"):
         bi_selective_scan(u[0], delta, A, B, C, D)
+    with pytest.raises(ValueError, match=r"u must be \[2, B, T, E\]"):
+        bi_selective_scan(u[:1], delta, A, B, C, D)
+    with pytest.raises(TypeError, match="u must be floating point, got torch.int64"):
+        bi_selective_scan((10 * u).long(), delta, A, B, C, D)
+    with pytest.raises(TypeError, match="B must be a torch.Tensor, got list"):
+        bi_selective_scan(u, delta, A, B.tolist(), C, D)
+    with pytest.raises(ValueError, match=r"A must have 3 dims, got shape \(\)"):
+        bi_selective_scan(u, delta, A.sum(), B, C, D)
     with pytest.raises(ValueError, match=r"C has shape \(2, 2, 8, 4\), expected \(2, 2, 9, 4\)"):
         bi_selective_scan(u, delta, A, B, C[:, :, :8], D)
     with pytest.raises(TypeError, match="D must be floating point"):
         bi_selective_scan(u, delta, A, B, C, D.long())
     with pytest.raises(ValueError, match="sequence is empty"):
         bi_selective_scan(u[:, :, :0], delta[:, :, :0], A, B[:, :, :0], C[:, :, :0], D)
+    if HAS_TRITON:  # the kernel's own entry point checks the same before anything is launched
+        from vig_kernels.selective_scan.fused import bi_selective_scan_triton
+        with pytest.raises(ValueError, match=r"B has shape \(2, 2, 9, 3\), expected \(2, 2, 9, 4\)"):
+            bi_selective_scan_triton(u, delta, A, B[..., :3], C, D)
+
+
+def test_reference_computes_in_fp32_under_autocast():
+    xs = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = bi_selective_scan_reference(*xs)
+    torch.testing.assert_close(under_autocast, bi_selective_scan_reference(*xs), rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -15,29 +15,10 @@ from __future__ import annotations
 import torch
 
 from ..backend import get_backend, import_fused
+from .inputs import check_inputs
 from .reference import bigla_reference
 
 _FUSED, _FUSED_IMPORT_ERROR = import_fused(__name__)
-
-
-def _check_inputs(q, k, v, g_fwd, g_bwd) -> None:
-    named = {"q": q, "k": k, "v": v, "g_fwd": g_fwd, "g_bwd": g_bwd}
-    for name, tensor in named.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"bigla: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 4:
-            raise ValueError(f"bigla: {name} must have 4 dims [B, T, H, D], got shape {tuple(tensor.shape)}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"bigla: {name} must be floating point, got {tensor.dtype}")
-        if tensor.device != q.device:
-            raise ValueError(f"bigla: {name} is on {tensor.device} but q is on {q.device}")
-    for name in ("k", "g_fwd", "g_bwd"):
-        if named[name].shape != q.shape:
-            raise ValueError(f"bigla: {name} has shape {tuple(named[name].shape)}, expected q's shape {tuple(q.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"bigla: v has shape {tuple(v.shape)}; its [B, T, H] must equal q's {tuple(q.shape[:3])}")
-    if q.shape[1] == 0:
-        raise ValueError(f"bigla: the sequence is empty (q has shape {tuple(q.shape)}); T must be at least 1")
 
 
 def triton_unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:
@@ -56,7 +37,7 @@ def bigla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor
     ``RuntimeError`` naming the problem instead of falling back; ``reference`` always runs the reference.
     The fused kernel clamps the gates to ``[GATE_MIN, 0]`` (see ``docs/kernels.md``).
     """
-    _check_inputs(q, k, v, g_fwd, g_bwd)
+    check_inputs(q, k, v, g_fwd, g_bwd)
     backend = get_backend()
     if backend == "reference":
         return bigla_reference(q, k, v, g_fwd, g_bwd, scale)

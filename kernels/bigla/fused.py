@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .inputs import check_inputs
+
 GATE_MIN = -8.0
 """Lower clamp of the log-space gates (nats per token) applied inside the fused kernels."""
 
@@ -116,8 +118,10 @@ def _load_keys(base, rows, rmask, stride_t, K: tl.constexpr):
 
 @triton.jit
 def _clamp_gate(g):
-    """Gates clamped to [GATE_MIN, 0] and converted to log2 units (padding rows are 0)."""
-    return tl.minimum(tl.maximum(g, _GMIN), 0.0) * _LOG2E
+    """Gates clamped to [GATE_MIN, 0] and converted to log2 units (padding rows are 0). A NaN gate stays NaN, as
+    torch.clamp keeps it: the default min/max would return the bound and hide a diverged run."""
+    clamped = tl.maximum(g, _GMIN, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(clamped, 0.0, propagate_nan=tl.PropagateNan.ALL) * _LOG2E
 
 
 @triton.jit
@@ -611,6 +615,9 @@ def unsupported_reason(q, k, v, g_fwd, g_bwd) -> str | None:
         problems.append(f"inputs are on {q.device}; the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
     if q.dtype not in SUPPORTED_DTYPES:
         problems.append(f"dtype {q.dtype} is not supported (q, k, v must be float32, bfloat16 or float16)")
+    elif _interpreting() and q.dtype != torch.float32:
+        problems.append(f"dtype {q.dtype} under TRITON_INTERPRET=1: the interpreter computes 16-bit dots wrongly, "
+                        "use float32 there")
     elif k.dtype != q.dtype or v.dtype != q.dtype:
         problems.append(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, g in (("g_fwd", g_fwd), ("g_bwd", g_bwd)):
@@ -850,6 +857,7 @@ class _BiGLAFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: an error, not silently zero
     def backward(ctx, do):
         saved = ctx.saved_tensors
         grads = _run_backward(*saved[:5], do, saved[5:], ctx.scale, ctx.segments)
@@ -926,6 +934,7 @@ def bigla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch
     ``segments`` overrides the automatic split of each sequence (for tests and tuning).
     Raises ``ValueError``/``TypeError`` for inputs the kernel does not support.
     """
+    check_inputs(q, k, v, g_fwd, g_bwd)
     reason = unsupported_reason(q, k, v, g_fwd, g_bwd)
     if reason is not None:
         raise ValueError(f"bigla_triton: {reason}")

@@ -1,8 +1,9 @@
 """Plain-PyTorch bidirectional gated linear attention with ViG's semantics.
 
-Exact for any gates ``g <= 0`` (no clamping): inside a chunk the decays are taken pairwise in log space,
-``exp(F_t - F_s)`` with ``s <= t``, and between chunks the running state only ever meets exponents
-``<= 0``, so nothing can overflow. Runs on any device and dtype; computes in fp32 (fp64 for fp64 inputs).
+Exact for any finite gates ``g <= 0`` (no clamping; a gate of ``-inf`` makes later outputs NaN): inside a chunk
+the decays are taken pairwise in log space, ``exp(F_t - F_s)`` with ``s <= t``, and between chunks the running
+state only ever meets exponents ``<= 0``, so nothing can overflow. Runs on any device and dtype; computes in fp32
+(fp64 for fp64 inputs), also under autocast.
 The backward direction is the forward recurrence on the time-reversed sequence, which is what ViG defines.
 """
 from __future__ import annotations
@@ -49,6 +50,9 @@ def causal_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     return (scale * out).reshape(batch, heads, n * chunk, value_dim)[:, :, :length]
 
 
+# Under autocast the matmuls below would run in 16 bits; the reference computes in fp32 (fp64) whatever is active.
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def bigla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor,
                     g_bwd: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``(o_fwd + o_bwd) / 2`` in ``[B, T, H, D]`` layout, both directions including the diagonal."""

@@ -13,26 +13,10 @@ from __future__ import annotations
 import torch
 
 from ..backend import get_backend, import_fused
+from .inputs import check_inputs
 from .reference import bi_selective_scan_reference, selective_scan
 
 _FUSED, _FUSED_IMPORT_ERROR = import_fused(__name__)
-
-
-def _check_inputs(u, delta, A, B, C, D) -> None:
-    if u.dim() != 4 or u.shape[0] != 2:
-        raise ValueError(f"bi_selective_scan: u must be [2, B, T, E], got shape {tuple(u.shape)}")
-    _, batch, length, channels = u.shape
-    if length == 0:
-        raise ValueError(f"bi_selective_scan: the sequence is empty (u has shape {tuple(u.shape)}); T must be >= 1")
-    expected = {"delta": (2, batch, length, channels), "A": (2, channels, A.shape[-1]),
-                "B": (2, batch, length, A.shape[-1]), "C": (2, batch, length, A.shape[-1]), "D": (2, channels)}
-    for name, tensor in {"delta": delta, "A": A, "B": B, "C": C, "D": D}.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"bi_selective_scan: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
-        if tensor.device != u.device:
-            raise ValueError(f"bi_selective_scan: {name} is on {tensor.device} but u is on {u.device}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"bi_selective_scan: {name} must be floating point, got {tensor.dtype}")
 
 
 def triton_unsupported_reason(u, delta, A, B, C, D) -> str | None:
@@ -45,7 +29,7 @@ def triton_unsupported_reason(u, delta, A, B, C, D) -> str | None:
 def bi_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                       D: torch.Tensor) -> torch.Tensor:
     """Bidirectional selective scan; returns ``(y_fwd + y_bwd) / 2`` ``[B, T, E]`` in u's dtype."""
-    _check_inputs(u, delta, A, B, C, D)
+    check_inputs(u, delta, A, B, C, D)
     backend = get_backend()
     if backend == "reference" or (backend == "auto" and not u.is_cuda):
         return bi_selective_scan_reference(u, delta, A, B, C, D)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .inputs import check_inputs
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STATE_DIM = 64
 CHUNK = 16  # tokens per chunk step
@@ -329,7 +331,9 @@ def bi_selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tens
                              C: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
     """Fused bidirectional selective scan: u, delta ``[2, B, T, E]``, A ``[2, E, N]``, B, C ``[2, B, T, N]``,
     D ``[2, E]`` (index 0 the forward direction, 1 the backward one, both in natural token order); returns
-    ``(y_fwd + y_bwd) / 2`` ``[B, T, E]`` in u's dtype. Raises ``ValueError`` for inputs it cannot run."""
+    ``(y_fwd + y_bwd) / 2`` ``[B, T, E]`` in u's dtype. Raises ``ValueError``/``TypeError`` for inputs it cannot
+    run."""
+    check_inputs(u, delta, A, B, C, D)
     reason = unsupported_reason(u, delta, A, B, C, D)
     if reason is not None:
         raise ValueError(f"bi_selective_scan_triton: {reason}")

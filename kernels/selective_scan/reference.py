@@ -28,6 +28,9 @@ def _scan_chunk(state, u, delta, A, B, C):
     return torch.stack(outputs, dim=1), state
 
 
+# Under autocast the products below would run in 16 bits; the reference computes in fp32 (fp64) whatever is active.
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def selective_scan(u, delta, A, B, C, D=None, reverse: bool = False, chunk: int = CHUNK):
     """u, delta ``[b, T, E]`` (delta >= 0, after softplus), A ``[E, N]`` or ``[b, E, N]`` (<= 0),
     B, C ``[b, T, N]``, D ``[E]`` or ``[b, E]``. ``reverse`` scans from the last token to the first.
