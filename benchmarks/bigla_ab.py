@@ -52,8 +52,10 @@ def other_version(base: str | None, patch: str | None, fused: str = FUSED) -> st
 
 def load_as_module(source: str, name: str, package: str = "vig_kernels.bigla"):
     """Import a copy of a fused.py under another module name; its custom ops get their own namespace, and its
-    imports from its package (``from .inputs import ...``) name ``package``."""
+    imports from its package (``from .inputs import ...``, ``from ..backend import ...``) name ``package``."""
     source = source.replace("vig_kernels::", f"{name}::")
+    parent = package.rpartition(".")[0]
+    source = re.sub(r"^from \.\.(\w+) import", rf"from {parent}.\1 import", source, flags=re.MULTILINE)
     source = re.sub(r"^from \.(\w+) import", rf"from {package}.\1 import", source, flags=re.MULTILINE)
     path = os.path.join(tempfile.mkdtemp(), f"{name}.py")
     with open(path, "w") as fh:

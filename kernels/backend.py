@@ -13,6 +13,8 @@ import os
 from types import ModuleType
 from typing import Iterator
 
+import torch
+
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -46,6 +48,12 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+def on_device_of(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``tensor``'s CUDA device the current one for a launch: Triton launches on the current device and its
+    stream, so a tensor on cuda:1 while cuda:0 is current would otherwise be run on the wrong device."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def import_fused(package: str) -> tuple[ModuleType | None, str | None]:

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import on_device_of
 from .inputs import check_inputs
 
 GATE_MIN = -8.0
@@ -837,7 +838,8 @@ def _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, summaries):
 def _run_forward(q, k, v, g_fwd, g_bwd, scale, segments):
     """The forward launch: (inputs with unit last-dim stride, o, segment summaries or ())."""
     inputs = tuple(_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd))
-    o, summaries = _forward(*inputs, scale, _op_plan(inputs[0], inputs[2], segments))
+    with on_device_of(q):
+        o, summaries = _forward(*inputs, scale, _op_plan(inputs[0], inputs[2], segments))
     return inputs, o, summaries
 
 
@@ -845,7 +847,8 @@ def _run_backward(q, k, v, g_fwd, g_bwd, do, summaries, scale, segments):
     """The backward launch: dq, dk, dv, dg_fwd, dg_bwd (summaries are ignored for one-segment plans)."""
     q, k, v, g_fwd, g_bwd, do = (_last_dim_contiguous(x) for x in (q, k, v, g_fwd, g_bwd, do))
     plan = _op_plan(q, v, segments)
-    return _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, tuple(summaries) if plan[3] > 1 else ())
+    with on_device_of(q):
+        return _backward(q, k, v, g_fwd, g_bwd, do, scale, plan, tuple(summaries) if plan[3] > 1 else ())
 
 
 class _BiGLAFunction(torch.autograd.Function):

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import on_device_of
 from .inputs import check_inputs
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -295,7 +296,8 @@ def _prepared(*tensors):
 @torch.library.custom_op("vig_kernels::bi_selective_scan_fwd", mutates_args=())
 def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  D: torch.Tensor) -> torch.Tensor:
-    return _forward(*_prepared(u, delta, A, B, C, D))
+    with on_device_of(u):
+        return _forward(*_prepared(u, delta, A, B, C, D))
 
 
 @_scan_fwd_op.register_fake
@@ -308,7 +310,8 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  D: torch.Tensor, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                torch.Tensor, torch.Tensor, torch.Tensor]:
     """du, ddelta, dA, dB, dC, dD."""
-    return _backward(*_prepared(u, delta, A, B, C, D, dout))
+    with on_device_of(u):
+        return _backward(*_prepared(u, delta, A, B, C, D, dout))
 
 
 @_scan_bwd_op.register_fake
