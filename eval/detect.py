@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator = build_accelerator(recipe, run_dir)
     set_seed(recipe.train.seed, device_specific=True)
 
-    model = create_detector(recipe.model, num_classes)
+    # An export replaces every weight with the checkpoint's: the tower's architecture is all it needs.
+    model = create_detector(recipe.model, num_classes, tower_weights=not args.export_from)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     compile_blocks(model, recipe.train.compile)

@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     recipe = with_class_count(recipe, num_classes)
     if class_names is not None and len(class_names) != num_classes:
         class_names = None  # a head of another size than the recorded classes: export it without label names
-    model = create_classifier(recipe.model.encoder, num_classes, recipe.model.img_size, recipe.model.drop_path_rate)
+    # An export replaces every weight with the checkpoint's: the tower's architecture is all it needs.
+    model = create_classifier(recipe.model.encoder, num_classes, recipe.model.img_size, recipe.model.drop_path_rate,
+                              tower_weights=not args.export_from)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     compile_blocks(model, recipe.train.compile)
