@@ -149,6 +149,15 @@ def test_bi_selective_scan_reference_matches_the_recurrence(length, step_scale):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9, msg=name)
 
 
+def test_references_take_an_empty_sequence():
+    q = torch.zeros(2, 0, 3, 16)
+    assert vig_kernels.bigla_reference(q, q, torch.zeros(2, 0, 3, 8), q, q).shape == (2, 0, 3, 8)
+    u = torch.zeros(2, 1, 0, 6)
+    scan = vig_kernels.bi_selective_scan_reference(u, u, torch.zeros(2, 6, 4), torch.zeros(2, 1, 0, 4),
+                                                   torch.zeros(2, 1, 0, 4), torch.zeros(2, 6))
+    assert scan.shape == (1, 0, 6)
+
+
 def test_bi_selective_scan_validates_shapes():
     u = torch.zeros(2, 1, 5, 6)
     with pytest.raises(ValueError, match=r"A must have 3 dims, got shape \(2, 6\)"):

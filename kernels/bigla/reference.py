@@ -23,6 +23,8 @@ def causal_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tenso
     prefix sum of ``g``. Layout ``[B, H, T, D]``; returns ``[B, H, T, V]``."""
     batch, heads, length, key_dim = q.shape
     value_dim = v.shape[-1]
+    if length == 0:
+        return q.new_zeros(batch, heads, 0, value_dim)
     chunk = min(chunk, length)
     pad = (-length) % chunk
     if pad:

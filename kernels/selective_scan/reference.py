@@ -40,6 +40,8 @@ def selective_scan(u, delta, A, B, C, D=None, reverse: bool = False, chunk: int 
     if reverse:
         u, delta, B, C = (x.flip(1) for x in (u, delta, B, C))
     batch, length, channels = u.shape
+    if length == 0:
+        return u.new_zeros(batch, 0, channels)
     if A.dim() == 2:
         A = A.expand(batch, *A.shape)
     state = u.new_zeros(batch, channels, A.shape[-1])
