@@ -42,7 +42,7 @@ from pretrain.checkpoints import load_for_export
 from pretrain.compiling import compile_blocks
 from pretrain.data import build_loader
 from pretrain.export import export_timm
-from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.recipe import RecipeError, load_recipe, recipe_to_dict, run_tool, save_recipe, trainer_arguments
 from pretrain.schema import AugmentSection, FinetuneRecipe
 from pretrain.tracking import Tracker, build_accelerator
 
@@ -226,4 +226,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_tool(main, sys.argv[1:], errors=(RecipeError,))

@@ -42,7 +42,16 @@ from eval.tuning import (
 from pretrain.checkpoints import load_for_export
 from pretrain.compiling import compile_blocks
 from pretrain.data.segmentation import IGNORE_INDEX, build_segmentation_loader
-from pretrain.recipe import NonNegativeInt, PositiveInt, load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.recipe import (
+    NonNegativeInt,
+    PositiveInt,
+    RecipeError,
+    load_recipe,
+    recipe_to_dict,
+    run_tool,
+    save_recipe,
+    trainer_arguments,
+)
 from pretrain.schema import DataSection, FinetuneOptimSection, FinetuneTrainSection
 from pretrain.tracking import Tracker, build_accelerator
 
@@ -187,4 +196,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_tool(main, sys.argv[1:], errors=(RecipeError,))

@@ -37,7 +37,7 @@ from pretrain.contrastive import (
 from pretrain.data import DeviceNormalize, build_loader
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr, warmup_updates
-from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.recipe import RecipeError, load_recipe, recipe_to_dict, run_tool, save_recipe, trainer_arguments
 from pretrain.schema import CLIPRecipe
 from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
 
@@ -231,4 +231,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_tool(main, sys.argv[1:], errors=(RecipeError,))

@@ -25,7 +25,7 @@ from pretrain.export import export_timm, sub_state_dict
 from pretrain.guards import NonFiniteGuard, StopSignal
 from pretrain.masked_autoencoder import MaskedAutoencoder
 from pretrain.optim import build_optimizer, build_scheduler, scaled_lr, warmup_updates
-from pretrain.recipe import load_recipe, recipe_to_dict, save_recipe, trainer_arguments
+from pretrain.recipe import RecipeError, load_recipe, recipe_to_dict, run_tool, save_recipe, trainer_arguments
 from pretrain.schema import MAERecipe
 from pretrain.tracking import Throughput, Tracker, build_accelerator, progress_bar
 
@@ -158,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_tool(main, sys.argv[1:], errors=(RecipeError,))

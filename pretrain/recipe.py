@@ -82,12 +82,15 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def run_tool(main: Callable[[], object]) -> None:
-    """Run a command-line tool's ``main``: bad input (a missing file, a wrong value) ends it with ``error: ...`` on
-    stderr and status 1, as ``python -m pretrain.data`` does, instead of a traceback."""
+def run_tool(main: Callable[..., object], *args: object,
+             errors: tuple[type[Exception], ...] = (FileNotFoundError, ValueError)) -> None:
+    """Run a command line's ``main(*args)``: bad input (``errors``: by default a missing file or a wrong value) ends
+    it with ``error: ...`` on stderr and status 1, as ``python -m pretrain.data`` does, instead of a traceback.
+    Trainers pass ``errors=(RecipeError,)``: a recipe is checked before anything runs, and any later error keeps its
+    traceback."""
     try:
-        main()
-    except (FileNotFoundError, ValueError) as exn:
+        main(*args)
+    except errors as exn:
         sys.exit(f"error: {exn}")
 
 

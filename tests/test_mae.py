@@ -5,6 +5,8 @@ import copy
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,12 @@ def test_misspelled_recipe_key_fails_before_training(tmp_path):
         mae.main([str(DEMO_RECIPE), "data.train_shards=''", f"train.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match=r"model\.encoder='vig_tinyy' is not a registered architecture.*vig_tiny"):
         MaskedAutoencoder("vig_tinyy")
+    # From the command line a recipe mistake is one line, like an argparse error, not a traceback.
+    done = subprocess.run([sys.executable, "pretrain/mae.py", str(DEMO_RECIPE), "optim.lrr=1e-3",
+                           f"train.output_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line == "error: command line: unknown key 'optim.lrr' (did you mean 'optim.lr'?)", done.stderr
 
 
 def test_warmup_steps_override_warmup_epochs(digits, tmp_path):
