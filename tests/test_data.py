@@ -633,11 +633,12 @@ def test_wait_fraction_follows_the_recent_batches_and_wait_seconds_add_up(tmp_pa
     collect(loader)
     slow = loader.stats()
     assert slow["data_wait_fraction"] > 0.9 and slow["data_wait_seconds"] >= 120 * 0.01
-    # Epoch 1: a fast pipeline and a loop that takes 10 ms per batch. A share taken since the start would still be
-    # about half (1.2 s of waiting in about 1.8 s); over the last 50 batches it is small.
+    # Epoch 1: a fast pipeline and a loop that takes 30 ms per batch. A share taken since the start would still be
+    # about half (about 1.6 s of waiting in 3.4 s); over the last 50 batches it is small (about 0.1; with 10 ms per
+    # batch it once reached 0.30 on a 2-core CI machine, hence the longer step).
     loader.config = dataclasses.replace(loader.config, transform=fast_transform)
     for _ in loader:
-        time.sleep(0.01)
+        time.sleep(0.03)
     fast = loader.stats()
     assert fast["data_wait_fraction"] < 0.3
     assert fast["data_wait_seconds"] > slow["data_wait_seconds"]
