@@ -47,21 +47,18 @@ from pretrain.schema import AugmentSection, FinetuneRecipe
 from pretrain.tracking import Tracker, build_accelerator
 
 
-def tower_args(encoder: str) -> dict:
-    """The architecture arguments an exported tower was built with (``in_chans``, ``global_pool``, ...; its
-    ``model_args`` less ``num_classes``), or none for an architecture name."""
-    config_path = Path(encoder) / "config.json"
-    if not config_path.is_file():
-        return {}
-    model_args = json.loads(config_path.read_text()).get("model_args", {})
-    return {key: value for key, value in model_args.items() if key != "num_classes"}
-
-
 def tower_config(encoder: str) -> dict:
     """What rebuilds the tower ``encoder`` names without its weights: an exported tower's ``config.json``, or
     ``{"architecture": name}`` for an architecture name."""
     config_path = Path(encoder) / "config.json"
     return json.loads(config_path.read_text()) if config_path.is_file() else {"architecture": encoder}
+
+
+def tower_args(encoder: str) -> dict:
+    """The architecture arguments an exported tower was built with (``in_chans``, ``global_pool``, ...; its
+    ``model_args`` less ``num_classes``), or none for an architecture name."""
+    model_args = tower_config(encoder).get("model_args", {})
+    return {key: value for key, value in model_args.items() if key != "num_classes"}
 
 
 def create_classifier(encoder: str, num_classes: int, img_size: int | None, drop_path_rate: float,
